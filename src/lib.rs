@@ -1,0 +1,6 @@
+//! Flotilla: pm2 for fleets, on NATS.
+//!
+//! Roles: [`agent`] (one per host), the controller and the CLI ([`cli`]). They talk only over
+//! NATS, through the wire types of [`protocol`], configured by [`config`], connected by [`bus`].
+
+pub mod protocol;

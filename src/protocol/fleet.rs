@@ -1,0 +1,80 @@
+//! Host-level payloads on `pm._fleet.<host>.*`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// `pm._fleet.<host>.host:heartbeat`, every `heartbeat_interval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Epoch ms.
+    pub at: u64,
+    /// Unique id (also `Nats-Msg-Id`).
+    pub id: Uuid,
+    /// Host id.
+    pub host: String,
+    /// Host labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Agent version.
+    pub version: String,
+    /// Processes in the table.
+    #[serde(default)]
+    pub processes: u32,
+    /// Processes online.
+    #[serde(default)]
+    pub online: u32,
+    /// Agent CPU percent (of one core) since the previous heartbeat.
+    #[serde(default)]
+    pub cpu: f64,
+    /// Agent resident memory, bytes.
+    #[serde(default)]
+    pub memory: u64,
+    /// Sum of the workers' resident memory, bytes.
+    #[serde(default)]
+    pub workers_memory: u64,
+    /// Host one-minute load average.
+    #[serde(default)]
+    pub load1: f64,
+    /// CPUs on the host.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Host memory total, bytes.
+    #[serde(default)]
+    pub mem_total: u64,
+    /// Host memory available, bytes.
+    #[serde(default)]
+    pub mem_available: u64,
+    /// Messages relayed since the agent started.
+    #[serde(default)]
+    pub relayed: u64,
+    /// Messages dropped since the agent started.
+    #[serde(default)]
+    pub dropped: u64,
+    /// Malformed or oversized worker lines since the agent started.
+    #[serde(default)]
+    pub ipc_errors: u64,
+    /// Dropped count per pm_id (only processes with drops).
+    #[serde(default)]
+    pub dropped_by_process: BTreeMap<u32, u64>,
+}
+
+/// `pm._fleet.<host>.host:event`: `online` when an agent starts, `offline` when it stops cleanly.
+/// (The controller adds `lost`, `back`, `draining`.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostEvent {
+    /// Epoch ms.
+    pub at: u64,
+    /// Unique id.
+    pub id: Uuid,
+    /// Host id.
+    pub host: String,
+    /// `online`, `offline`, `lost`, `back`, `draining`.
+    pub event: String,
+    /// Agent version.
+    #[serde(default)]
+    pub version: String,
+    /// Host labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
