@@ -3,4 +3,8 @@
 //! Roles: [`agent`] (one per host), the controller and the CLI ([`cli`]). They talk only over
 //! NATS, through the wire types of [`protocol`], configured by [`config`], connected by [`bus`].
 
+pub mod agent;
+pub mod bus;
+pub mod cli;
+pub mod config;
 pub mod protocol;

@@ -1,3 +1,75 @@
-fn main() {
-    println!("Hello, world!");
+//! `flotilla`: the one binary (agent, controller, CLI).
+
+use clap::Parser;
+use flotilla::cli::{Cli, Command};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flotilla: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flotilla: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without handlers the default action (exit) applies; wait forever here.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Agent(a) => {
+            let mut extra = vec![];
+            if let Some(h) = &a.host_id {
+                extra.push(("host_id".into(), h.clone()));
+            }
+            if !a.labels.is_empty() {
+                extra.push(("labels".into(), a.labels.join(",")));
+            }
+            let settings = cli.settings(extra)?;
+            flotilla::agent::run(settings, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Events(e) => {
+            let settings = cli.settings(vec![])?;
+            flotilla::cli::events::run(&settings, e, shutdown_signal()).await?;
+            Ok(())
+        }
+    }
 }

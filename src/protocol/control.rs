@@ -41,10 +41,11 @@ impl Target {
         if s == "all" {
             return Ok(Target::All);
         }
-        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(id) = s.parse() {
-                return Ok(Target::Id(id));
-            }
+        if !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && let Ok(id) = s.parse()
+        {
+            return Ok(Target::Id(id));
         }
         match s.split_once('/') {
             Some((ns, name)) => {
@@ -329,7 +330,7 @@ pub struct SignalRequest {
 #[derive(Debug, Clone)]
 pub enum Request {
     /// `start`
-    Start(StartRequest),
+    Start(Box<StartRequest>),
     /// `stop`
     Stop(TargetRequest),
     /// `restart`
@@ -344,12 +345,21 @@ pub enum Request {
     List(TargetRequest),
 }
 
-macro_rules! impl_from {
-    ($($variant:ident($ty:ty)),*) => {$(
-        impl From<$ty> for Request { fn from(r: $ty) -> Self { Request::$variant(r) } }
-    )*};
+impl From<StartRequest> for Request {
+    fn from(r: StartRequest) -> Self {
+        Request::Start(Box::new(r))
+    }
 }
-impl_from!(Start(StartRequest), Send(SendRequest), Signal(SignalRequest));
+impl From<SendRequest> for Request {
+    fn from(r: SendRequest) -> Self {
+        Request::Send(r)
+    }
+}
+impl From<SignalRequest> for Request {
+    fn from(r: SignalRequest) -> Self {
+        Request::Signal(r)
+    }
+}
 
 impl Request {
     /// Parses a request body for `verb`; errors say what is wrong and where.
@@ -666,7 +676,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.min_uptime, Duration::from_secs(2));
         assert_eq!(s.restart_delay, Duration::from_millis(250));
-        assert_eq!(s.exp_backoff_restart_delay, Some(Duration::from_millis(100)));
+        assert_eq!(
+            s.exp_backoff_restart_delay,
+            Some(Duration::from_millis(100))
+        );
         assert_eq!(s.stop_exit_codes, ExitCodes(vec![0, 3]));
         let one: ExitCodes = serde_json::from_str("2").unwrap();
         assert_eq!(one, ExitCodes(vec![2]));

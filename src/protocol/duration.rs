@@ -33,7 +33,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         }
     };
     let ms = n * mult_ms;
-    if !ms.is_finite() || ms < 0.0 || ms > 1e15 {
+    if !ms.is_finite() || !(0.0..=1e15).contains(&ms) {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(Duration::from_millis(ms.round() as u64))
@@ -60,9 +60,7 @@ pub mod ms {
         match Either::deserialize(d)? {
             Either::N(n) => Ok(Duration::from_millis(n)),
             Either::F(f) if f.is_finite() && f >= 0.0 => Ok(Duration::from_millis(f as u64)),
-            Either::F(f) => Err(serde::de::Error::custom(format!(
-                "{f} is not a duration"
-            ))),
+            Either::F(f) => Err(serde::de::Error::custom(format!("{f} is not a duration"))),
             Either::S(s) => parse(&s).map_err(serde::de::Error::custom),
         }
     }

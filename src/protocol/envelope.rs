@@ -197,7 +197,9 @@ pub fn now_ms() -> u64 {
 /// Serialises an envelope to bytes. Serialising these types cannot fail (no maps with non-string
 /// keys, no failing `Serialize` impls), so the `expect` documents an invariant.
 pub fn encode(env: &EnvelopeOut<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + env.data.map_or(0, |d| d.get().len()) + env.raw.map_or(0, |d| d.get().len()));
+    let mut out = Vec::with_capacity(
+        256 + env.data.map_or(0, |d| d.get().len()) + env.raw.map_or(0, |d| d.get().len()),
+    );
     serde_json::to_writer(&mut out, env).expect("envelope serialisation is infallible");
     out
 }

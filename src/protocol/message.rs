@@ -160,7 +160,16 @@ mod tests {
         assert!(typed(r#"{"type":"t","data":"x"}"#).is_some());
         assert!(typed(r#"{"type":"t","data":1e-3}"#).is_some());
         // invalid tokens ⇒ raw
-        for ty in [r#""a.b""#, r#""*""#, r#"">""#, r#""a b""#, r#""""#, "5", "null", r#""\u0041""#] {
+        for ty in [
+            r#""a.b""#,
+            r#""*""#,
+            r#"">""#,
+            r#""a b""#,
+            r#""""#,
+            "5",
+            "null",
+            r#""\u0041""#,
+        ] {
             assert_eq!(typed(&format!(r#"{{"type":{ty},"data":1}}"#)), None, "{ty}");
         }
         // missing data ⇒ raw

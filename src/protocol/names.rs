@@ -55,7 +55,9 @@ pub enum NameError {
         pos: usize,
     },
     /// Namespaces beginning with `_` are reserved (`_fleet`).
-    #[error("the namespace '{0}' starts with '_', which is reserved for Flotilla's own subjects (such as _fleet): choose another")]
+    #[error(
+        "the namespace '{0}' starts with '_', which is reserved for Flotilla's own subjects (such as _fleet): choose another"
+    )]
     Reserved(String),
 }
 

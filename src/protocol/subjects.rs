@@ -185,11 +185,21 @@ impl Subjects {
 
     /// `pm._fleet.<host>.host:heartbeat`
     pub fn heartbeat(&self, host: &HostId) -> String {
-        format!("{}.{FLEET_TOKEN}.{}.{}", self.prefix, host.0, kind::HEARTBEAT)
+        format!(
+            "{}.{FLEET_TOKEN}.{}.{}",
+            self.prefix,
+            host.0,
+            kind::HEARTBEAT
+        )
     }
     /// `pm._fleet.<host>.host:event`
     pub fn host_event(&self, host: &HostId) -> String {
-        format!("{}.{FLEET_TOKEN}.{}.{}", self.prefix, host.0, kind::HOST_EVENT)
+        format!(
+            "{}.{FLEET_TOKEN}.{}.{}",
+            self.prefix,
+            host.0,
+            kind::HOST_EVENT
+        )
     }
     /// `pm.>`: everything on the event plane.
     pub fn all_events(&self) -> String {

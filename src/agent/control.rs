@@ -1,0 +1,149 @@
+//! The agent's control plane: request/reply on `pmctl.agent.<host>.<verb>`.
+//!
+//! Each request runs in its own task (a `stop` waits for exits, and must not hold up a `list`).
+//! A request id seen before gets the first reply again, even while the first is still running.
+
+use super::supervisor::SupervisorHandle;
+use crate::protocol::control::{ControlError, ErrorKind, Reply, Request};
+use crate::protocol::subjects::{HostId, Parsed, Subjects};
+use async_nats::{Client, Message};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Replies remembered for repeated request ids.
+const REMEMBERED: usize = 4096;
+/// Requests handled at once.
+const CONCURRENT: usize = 64;
+
+type Slot = watch::Receiver<Option<Bytes>>;
+
+#[derive(Default)]
+struct Dedupe {
+    map: HashMap<Uuid, Slot>,
+    order: VecDeque<Uuid>,
+}
+
+impl Dedupe {
+    /// The slot of a request seen before, or a new slot's sender.
+    fn claim(&mut self, id: Uuid) -> Result<watch::Sender<Option<Bytes>>, Slot> {
+        if let Some(rx) = self.map.get(&id) {
+            return Err(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        self.map.insert(id, rx);
+        self.order.push_back(id);
+        while self.order.len() > REMEMBERED {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        Ok(tx)
+    }
+}
+
+/// Serves control requests until `cancel` fires.
+pub async fn serve(
+    client: Client,
+    subjects: Subjects,
+    host: HostId,
+    sup: SupervisorHandle,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut sub = client.subscribe(subjects.agent_wildcard(&host)).await?;
+    // The subscription is registered on the server once this flush returns, so whoever sees
+    // the agent's `online` host event can already send commands.
+    if let Err(e) = client.flush().await {
+        tracing::warn!("flush after subscribing failed: {e}");
+    }
+    let dedupe = Arc::new(Mutex::new(Dedupe::default()));
+    let permits = Arc::new(Semaphore::new(CONCURRENT));
+    let ctx = Arc::new((client.clone(), subjects, host, sup));
+    tracker.spawn({
+        let cancel = cancel.clone();
+        let tracker = tracker.clone();
+        async move {
+            loop {
+                let msg = tokio::select! {
+                    m = sub.next() => m,
+                    _ = cancel.cancelled() => break,
+                };
+                let Some(msg) = msg else { break };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let ctx = ctx.clone();
+                let dedupe = dedupe.clone();
+                tracker.spawn(async move {
+                    handle(&ctx.0, &ctx.1, &ctx.2, &ctx.3, &dedupe, msg).await;
+                    drop(permit);
+                });
+            }
+            let _ = sub.unsubscribe().await;
+        }
+    });
+    Ok(())
+}
+
+async fn handle(
+    client: &Client,
+    subjects: &Subjects,
+    host: &HostId,
+    sup: &SupervisorHandle,
+    dedupe: &Mutex<Dedupe>,
+    msg: Message,
+) {
+    let Some(reply_to) = msg.reply.clone() else {
+        tracing::warn!(subject = %msg.subject, "control message without a reply subject ignored: use request/reply");
+        return;
+    };
+    let verb = match subjects.parse(&msg.subject) {
+        Some(Parsed::AgentCtl { verb, .. }) => verb.to_string(),
+        _ => return,
+    };
+    let bytes = match Request::parse(&verb, &msg.payload) {
+        Err(e) => encode(&Reply::err(None, host.as_str(), e)),
+        Ok(req) => {
+            let id = req.request_id();
+            let claim = dedupe.lock().unwrap_or_else(|p| p.into_inner()).claim(id);
+            match claim {
+                Ok(slot) => {
+                    tracing::debug!(verb, %id, "request");
+                    let reply = sup.request(req, host.as_str()).await;
+                    let b = encode(&reply);
+                    slot.send_replace(Some(b.clone()));
+                    b
+                }
+                Err(mut seen) => {
+                    tracing::debug!(verb, %id, "repeated request: answering with the first reply");
+                    match seen.wait_for(Option::is_some).await {
+                        Ok(b) => b.clone().unwrap_or_default(),
+                        Err(_) => encode(&Reply::err(
+                            Some(id),
+                            host.as_str(),
+                            ControlError::new(
+                                ErrorKind::Internal,
+                                "the first copy of this request was lost: retry with a new request id",
+                            ),
+                        )),
+                    }
+                }
+            }
+        }
+    };
+    if let Err(e) = client.publish(reply_to, bytes).await {
+        tracing::warn!("could not send a reply: {e}");
+    }
+}
+
+fn encode(r: &Reply) -> Bytes {
+    serde_json::to_vec(r)
+        .expect("replies always serialise")
+        .into()
+}

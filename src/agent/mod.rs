@@ -1,0 +1,230 @@
+//! `flotilla agent`: one per host. Forks and supervises workers, relays their messages,
+//! lifecycle events and log lines to NATS, heartbeats, and answers `pmctl.agent.<host>.*`.
+//!
+//! Shape: [`run`] connects, starts the relay publisher, the supervisor (which owns the process
+//! table), the control server, the heartbeat and the drop reporter, then waits for `shutdown`.
+//! On shutdown it stops taking commands, stops every worker gracefully (their events are
+//! published), drains the relay queue, flushes NATS and returns. docs/ARCHITECTURE.md has the
+//! whole picture.
+
+pub mod control;
+pub mod ipc;
+pub mod policy;
+pub mod relay;
+pub mod signals;
+pub mod spawn;
+pub mod stats;
+pub mod supervisor;
+pub mod worker;
+
+use crate::bus::{self, BusError, Outgoing, Relay};
+use crate::config::Settings;
+use crate::protocol::envelope::now_ms;
+use crate::protocol::fleet::{Heartbeat, HostEvent};
+use crate::protocol::{HostId, Subjects};
+use relay::RelayHub;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use supervisor::{SupervisorConfig, SupervisorHandle};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Longest the agent waits at shutdown for queued messages to reach NATS.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Settings are invalid.
+    #[error("{0}")]
+    Settings(String),
+    /// NATS could not be reached or refused us.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Subscribing to the control subjects failed.
+    #[error("cannot subscribe to the control subjects: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// Runs the agent until `shutdown` resolves, then stops every worker and returns.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let host = HostId::new(&settings.host_id).map_err(|e| AgentError::Settings(e.to_string()))?;
+    let subjects =
+        Subjects::new(&settings.subject_prefix).map_err(|e| AgentError::Settings(e.to_string()))?;
+    let cancel = CancellationToken::new();
+    tokio::pin!(shutdown);
+
+    let client_name = format!("flotilla-agent-{host}");
+    let client = tokio::select! {
+        c = bus::connect_with_retry(&settings, &client_name, &cancel) => c?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before NATS was reachable");
+            return Ok(());
+        }
+    };
+    let server_max = client.server_info().max_payload.max(1024);
+    let max_message = settings
+        .relay
+        .max_message
+        .map_or(server_max, |m| m.min(server_max));
+    tracing::info!(
+        host = %host,
+        url = settings.nats_url(),
+        max_message,
+        "agent connected"
+    );
+
+    let relay_tasks = TaskTracker::new();
+    let relay = Relay::start(
+        client.clone(),
+        settings.relay.buffer,
+        settings.relay.buffer_bytes,
+        &relay_tasks,
+    );
+    let hub = Arc::new(RelayHub::new(relay.clone(), subjects.clone(), max_message));
+    let tasks = TaskTracker::new();
+    let sup = supervisor::start(SupervisorConfig {
+        host: host.to_string(),
+        hub: hub.clone(),
+        log_dir: settings.log_dir(),
+        tracker: tasks.clone(),
+    });
+
+    let ctl_cancel = cancel.child_token();
+    control::serve(
+        client.clone(),
+        subjects.clone(),
+        host.clone(),
+        sup.clone(),
+        ctl_cancel.clone(),
+        tasks.clone(),
+    )
+    .await?;
+    host_event(&relay, &subjects, &host, &settings, "online");
+    tasks.spawn(heartbeats(
+        relay.clone(),
+        hub.clone(),
+        sup.clone(),
+        subjects.clone(),
+        host.clone(),
+        settings.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(report_drops(hub.clone(), cancel.clone()));
+
+    shutdown.await;
+    tracing::info!("shutting down: no new commands; stopping workers");
+    ctl_cancel.cancel();
+    stop_workers(&sup).await;
+    cancel.cancel();
+    drop(sup);
+    tasks.close();
+    tasks.wait().await;
+    hub.report_drops();
+    hub.flush_errors();
+    host_event(&relay, &subjects, &host, &settings, "offline");
+    drop(hub);
+    drop(relay);
+    relay_tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, relay_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "NATS did not take the last queued messages within {DRAIN_TIMEOUT:?}; they are lost"
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn stop_workers(sup: &SupervisorHandle) {
+    sup.shutdown().await;
+}
+
+fn host_event(relay: &Relay, subjects: &Subjects, host: &HostId, settings: &Settings, event: &str) {
+    let id = Uuid::new_v4();
+    let ev = HostEvent {
+        at: now_ms(),
+        id,
+        host: host.to_string(),
+        event: event.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        labels: settings.labels.clone(),
+    };
+    let _ = relay.send_event(Outgoing {
+        subject: subjects.host_event(host),
+        id,
+        payload: serde_json::to_vec(&ev)
+            .expect("host events serialise")
+            .into(),
+    });
+}
+
+async fn heartbeats(
+    relay: Relay,
+    hub: Arc<RelayHub>,
+    sup: SupervisorHandle,
+    subjects: Subjects,
+    host: HostId,
+    settings: Settings,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(settings.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut meter = stats::CpuMeter::default();
+    let subject = subjects.heartbeat(&host);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        hub.flush_errors();
+        let Some(summary) = sup.summary().await else {
+            return;
+        };
+        meter.update(0);
+        let h = stats::host();
+        let rs = relay.stats();
+        let id = Uuid::new_v4();
+        let hb = Heartbeat {
+            at: now_ms(),
+            id,
+            host: host.to_string(),
+            labels: settings.labels.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            processes: summary.processes,
+            online: summary.online,
+            cpu: meter.cpu,
+            memory: meter.memory,
+            workers_memory: summary.workers_memory,
+            load1: h.load1,
+            cpus: h.cpus,
+            mem_total: h.mem_total,
+            mem_available: h.mem_available,
+            relayed: rs.relayed,
+            dropped: rs.dropped,
+            ipc_errors: hub.ipc_errors(),
+            dropped_by_process: summary.dropped_by_process,
+        };
+        let _ = relay.send_event(Outgoing {
+            subject: subject.clone(),
+            id,
+            payload: serde_json::to_vec(&hb)
+                .expect("heartbeats serialise")
+                .into(),
+        });
+    }
+}
+
+async fn report_drops(hub: Arc<RelayHub>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = hub.relay().drops_reportable() => hub.report_drops(),
+            _ = cancel.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Per-worker side of the relay: builds envelopes with the process metadata and queues them on
+//! the shared [`Relay`]; counts and reports drops and faulty channel lines.
+
+use crate::bus::{Dropped, Outgoing, Relay};
+use crate::protocol::envelope::{self, EnvelopeOut, EventFields, ProcessMeta, now_ms};
+use crate::protocol::message::Classified;
+use crate::protocol::subjects::{AppKey, Subjects, kind};
+use serde_json::value::RawValue;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use uuid::Uuid;
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical section
+/// here only updates counters, so the data is always consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drops not yet reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropWindow {
+    /// How many.
+    pub count: u64,
+    /// Epoch ms of the first.
+    pub since: u64,
+    /// Epoch ms of the last.
+    pub until: u64,
+}
+
+#[derive(Default)]
+struct Faults {
+    pending_drops: Option<DropWindow>,
+    pending_errors: u64,
+    pending_reason: Option<String>,
+    last_error_report: u64,
+}
+
+/// Everything a worker's reader tasks need to relay: one per process, kept across restarts.
+pub struct WorkerRelay {
+    relay: Relay,
+    prefix: String,
+    meta: RwLock<Arc<Box<RawValue>>>,
+    max_message: usize,
+    dropped: AtomicU64,
+    ipc_errors: AtomicU64,
+    faults: Mutex<Faults>,
+}
+
+impl WorkerRelay {
+    /// Replaces the metadata carried by the next envelopes.
+    pub fn set_meta(&self, meta: &ProcessMeta) {
+        let encoded = Arc::new(envelope::encode_meta(meta));
+        *self.meta.write().unwrap_or_else(|p| p.into_inner()) = encoded;
+    }
+
+    fn meta(&self) -> Arc<Box<RawValue>> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Largest message relayed.
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+
+    /// Relays one classified worker message (not Node internals). Returns false if dropped.
+    pub fn message(&self, c: &Classified<'_>) -> bool {
+        let (t, data, raw) = match c {
+            Classified::Typed { ty, data } => (ty.as_str(), Some(*data), None),
+            Classified::Raw { raw, .. } => (kind::PROCESS_MSG, None, Some(*raw)),
+            Classified::NodeInternal { .. } => return true,
+        };
+        self.emit(t, data, raw, None)
+    }
+
+    /// Relays one log line (`log:out` / `log:err`).
+    pub fn log_line(&self, t: &'static str, line: &str) -> bool {
+        let data = serde_json::value::to_raw_value(line).expect("a string always serialises");
+        self.emit(t, Some(&data), None, None)
+    }
+
+    /// Publishes a lifecycle event (`process:event`); may use the queue's reserve.
+    pub fn event(&self, fields: &EventFields) {
+        self.emit(kind::PROCESS_EVENT, None, None, Some(fields));
+    }
+
+    fn emit(
+        &self,
+        t: &str,
+        data: Option<&RawValue>,
+        raw: Option<&RawValue>,
+        event: Option<&EventFields>,
+    ) -> bool {
+        let meta = self.meta();
+        let id = Uuid::new_v4();
+        let payload = envelope::encode(&EnvelopeOut {
+            at: now_ms(),
+            data,
+            raw,
+            process: &meta,
+            event,
+            id,
+        });
+        if payload.len() > self.max_message {
+            self.ipc_error(format!(
+                "a message of {} bytes (as an envelope) exceeds the limit of {} bytes (relay.max_message, \
+                 default the server's max_payload): send smaller messages",
+                payload.len(),
+                self.max_message
+            ));
+            return false;
+        }
+        let out = Outgoing {
+            subject: format!("{}{t}", self.prefix),
+            id,
+            payload: payload.into(),
+        };
+        let res = if event.is_some() {
+            self.relay.send_event(out)
+        } else {
+            self.relay.try_relay(out)
+        };
+        match res {
+            Ok(()) => true,
+            Err(Dropped::Full) | Err(Dropped::Closed) => {
+                self.count_drop();
+                false
+            }
+        }
+    }
+
+    fn count_drop(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let mut f = lock(&self.faults);
+        let w = f.pending_drops.get_or_insert(DropWindow {
+            count: 0,
+            since: now,
+            until: now,
+        });
+        w.count += 1;
+        w.until = now;
+    }
+
+    /// Records a malformed or oversized channel line; reports at most one `ipc:error` event a
+    /// second per worker (with the count since the last report), the rest on [`Self::flush`].
+    pub fn ipc_error(&self, reason: String) {
+        self.ipc_errors.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let report = {
+            let mut f = lock(&self.faults);
+            f.pending_errors += 1;
+            if f.pending_reason.is_none() {
+                f.pending_reason = Some(reason);
+            }
+            if now.saturating_sub(f.last_error_report) >= 1000 {
+                f.last_error_report = now;
+                Some((
+                    std::mem::take(&mut f.pending_errors),
+                    f.pending_reason.take().unwrap_or_default(),
+                ))
+            } else {
+                None
+            }
+        };
+        if let Some((count, reason)) = report {
+            self.report_errors(count, reason);
+        }
+    }
+
+    fn report_errors(&self, count: u64, reason: String) {
+        tracing::warn!(worker = %self.prefix, count, "{reason}");
+        self.event(&EventFields {
+            count: Some(count),
+            ..EventFields::named("ipc:error").reason(reason)
+        });
+    }
+
+    /// Reports faulty lines held back by the one-a-second rule.
+    pub fn flush_errors(&self) {
+        let report = {
+            let mut f = lock(&self.faults);
+            (f.pending_errors > 0).then(|| {
+                f.last_error_report = now_ms();
+                (
+                    std::mem::take(&mut f.pending_errors),
+                    f.pending_reason.take().unwrap_or_default(),
+                )
+            })
+        };
+        if let Some((count, reason)) = report {
+            self.report_errors(count, reason);
+        }
+    }
+
+    /// Publishes a `dropped` event for drops not yet reported.
+    pub fn report_drops(&self) {
+        let w = lock(&self.faults).pending_drops.take();
+        if let Some(w) = w {
+            tracing::warn!(worker = %self.prefix, count = w.count, "relay queue was full; messages dropped");
+            self.event(&EventFields {
+                count: Some(w.count),
+                since: Some(w.since),
+                until: Some(w.until),
+                ..EventFields::named("dropped")
+            });
+        }
+    }
+
+    /// Messages of this worker dropped since it was created.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Faulty channel lines since it was created.
+    pub fn ipc_errors(&self) -> u64 {
+        self.ipc_errors.load(Ordering::Relaxed)
+    }
+}
+
+/// Makes [`WorkerRelay`]s and finds them again to report drops and errors.
+pub struct RelayHub {
+    relay: Relay,
+    subjects: Subjects,
+    max_message: usize,
+    workers: Mutex<Vec<Weak<WorkerRelay>>>,
+    ipc_errors_total: AtomicU64,
+}
+
+impl RelayHub {
+    /// A hub over the shared relay queue.
+    pub fn new(relay: Relay, subjects: Subjects, max_message: usize) -> Self {
+        Self {
+            relay,
+            subjects,
+            max_message,
+            workers: Mutex::new(Vec::new()),
+            ipc_errors_total: AtomicU64::new(0),
+        }
+    }
+
+    /// The shared queue.
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    /// Largest message relayed.
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+
+    /// A relay for one process.
+    pub fn worker(&self, app: &AppKey, meta: &ProcessMeta) -> Arc<WorkerRelay> {
+        let w = Arc::new(WorkerRelay {
+            relay: self.relay.clone(),
+            prefix: self.subjects.app_prefix(app),
+            meta: RwLock::new(Arc::new(envelope::encode_meta(meta))),
+            max_message: self.max_message,
+            dropped: AtomicU64::new(0),
+            ipc_errors: AtomicU64::new(0),
+            faults: Mutex::new(Faults::default()),
+        });
+        let mut ws = lock(&self.workers);
+        ws.retain(|w| w.strong_count() > 0);
+        ws.push(Arc::downgrade(&w));
+        w
+    }
+
+    fn live(&self) -> Vec<Arc<WorkerRelay>> {
+        lock(&self.workers)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Reports pending drops of every worker.
+    pub fn report_drops(&self) {
+        for w in self.live() {
+            w.report_drops();
+        }
+    }
+
+    /// Reports held-back channel faults of every worker; sums errors for the heartbeat.
+    pub fn flush_errors(&self) {
+        for w in self.live() {
+            w.flush_errors();
+        }
+    }
+
+    /// Faulty lines of every live worker plus those of deleted ones.
+    pub fn ipc_errors(&self) -> u64 {
+        self.ipc_errors_total.load(Ordering::Relaxed)
+            + self.live().iter().map(|w| w.ipc_errors()).sum::<u64>()
+    }
+
+    /// Keeps a deleted worker's error count in the totals.
+    pub fn retire(&self, w: &WorkerRelay) {
+        w.flush_errors();
+        w.report_drops();
+        self.ipc_errors_total
+            .fetch_add(w.ipc_errors(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,374 @@
+//! Turning an [`AppSpec`] into a running worker: interpreter choice, checks that name the host,
+//! the environment pm2 gives its workers, a process group of its own, and the IPC channel on fd 3.
+
+use super::ipc;
+use crate::protocol::control::{ControlError, ErrorKind};
+use crate::protocol::{AppSpec, ExecMode};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+/// How to run an app, resolved on this host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// The program to exec (interpreter or script), absolute.
+    pub program: PathBuf,
+    /// Its arguments (interpreter args, script, app args).
+    pub args: Vec<String>,
+    /// Absolute script path.
+    pub script: PathBuf,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Interpreter name (`node`, `python3`, ..., `none`).
+    pub interpreter: String,
+    /// Resolved exec mode.
+    pub exec_mode: ExecMode,
+}
+
+/// Interpreter for a script by its extension (pm2's table, plus `.sh`).
+pub fn interpreter_for(script: &Path) -> &'static str {
+    match script.extension().and_then(|e| e.to_str()) {
+        Some("js" | "mjs" | "cjs") => "node",
+        Some("py") => "python3",
+        Some("sh") => "bash",
+        Some("rb") => "ruby",
+        Some("php") => "php",
+        Some("pl") => "perl",
+        _ => "none",
+    }
+}
+
+/// Finds `name` on `PATH` (or checks it, when it has a slash).
+pub fn which(name: &str, path_var: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    let is_exec = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return is_exec(&p).then_some(p);
+    }
+    let path = path_var
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"))?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_exec(p))
+}
+
+/// Resolves the spec on this host; errors name the host and say how to fix.
+pub fn resolve(spec: &AppSpec, host: &str) -> Result<Launch, ControlError> {
+    let script = if spec.script.is_absolute() {
+        spec.script.clone()
+    } else if let Some(cwd) = &spec.cwd {
+        cwd.join(&spec.script)
+    } else {
+        return Err(ControlError::new(
+            ErrorKind::ScriptNotFound,
+            format!(
+                "the script '{}' is relative and no cwd was given: send an absolute path (the CLI resolves it for you)",
+                spec.script.display()
+            ),
+        ));
+    };
+    let meta = std::fs::metadata(&script).map_err(|e| {
+        ControlError::new(
+            ErrorKind::ScriptNotFound,
+            format!(
+                "the script {} does not exist on host {host} ({e}): deploy it there or fix the path",
+                script.display()
+            ),
+        )
+    })?;
+    if !meta.is_file() {
+        return Err(ControlError::new(
+            ErrorKind::ScriptNotFound,
+            format!("{} on host {host} is not a file", script.display()),
+        ));
+    }
+    let cwd = spec
+        .cwd
+        .clone()
+        .or_else(|| script.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    if !cwd.is_dir() {
+        return Err(ControlError::new(
+            ErrorKind::ScriptNotFound,
+            format!(
+                "the working directory {} does not exist on host {host}",
+                cwd.display()
+            ),
+        ));
+    }
+    let interpreter = spec
+        .interpreter
+        .clone()
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| interpreter_for(&script).to_string());
+    let path_var = spec.env.get("PATH").map(std::ffi::OsStr::new);
+    let (program, mut args) = if interpreter == "none" {
+        if meta.permissions().mode() & 0o111 == 0 {
+            return Err(ControlError::new(
+                ErrorKind::SpawnFailed,
+                format!(
+                    "{} on host {host} is not executable and has no known interpreter: chmod +x it, or set --interpreter",
+                    script.display()
+                ),
+            ));
+        }
+        (script.clone(), vec![])
+    } else {
+        let prog = which(&interpreter, path_var).ok_or_else(|| {
+            ControlError::new(
+                ErrorKind::InterpreterNotFound,
+                format!(
+                    "the interpreter '{interpreter}' for {} is not installed on host {host} (not on PATH): install it there, or set --interpreter",
+                    script.display()
+                ),
+            )
+        })?;
+        let mut a = spec.interpreter_args.clone();
+        a.push(script.display().to_string());
+        (prog, a)
+    };
+    args.extend(spec.args.iter().cloned());
+    let is_node = Path::new(&interpreter)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "node" || n == "nodejs" || n == "bun");
+    let exec_mode = spec
+        .exec_mode
+        .unwrap_or(if is_node && spec.instances.is_some() {
+            ExecMode::Cluster
+        } else {
+            ExecMode::Fork
+        });
+    Ok(Launch {
+        program,
+        args,
+        script,
+        cwd,
+        interpreter,
+        exec_mode,
+    })
+}
+
+/// Identity of one instance, for its environment.
+pub struct Identity<'a> {
+    /// pm_id
+    pub pm_id: u32,
+    /// app name
+    pub name: &'a str,
+    /// namespace
+    pub namespace: &'a str,
+    /// instance number
+    pub instance: u32,
+    /// instances of the app
+    pub instances: u32,
+}
+
+/// The worker's environment: the agent's own (less `FLOTILLA_*` settings, which may hold
+/// secrets, and Node channel variables), the app's `env`, then pm2's identity variables.
+pub fn environment(
+    spec: &AppSpec,
+    launch: &Launch,
+    id: &Identity<'_>,
+) -> Vec<(OsString, OsString)> {
+    let mut env: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !k.starts_with("FLOTILLA_")
+                && !matches!(
+                    k.as_ref(),
+                    "NODE_CHANNEL_FD" | "NODE_CHANNEL_SERIALIZATION_MODE" | "NODE_UNIQUE_ID"
+                )
+        })
+        .collect();
+    for (k, v) in &spec.env {
+        env.insert(k.into(), v.into());
+    }
+    let mode = match launch.exec_mode {
+        ExecMode::Cluster => "cluster_mode",
+        ExecMode::Fork => "fork_mode",
+    };
+    let ids: [(&str, String); 8] = [
+        ("pm_id", id.pm_id.to_string()),
+        ("name", id.name.to_string()),
+        ("namespace", id.namespace.to_string()),
+        ("PM_INSTANCE", id.instance.to_string()),
+        ("exec_mode", mode.to_string()),
+        ("instances", id.instances.to_string()),
+        ("NODE_CHANNEL_FD", ipc::CHILD_FD.to_string()),
+        ("NODE_CHANNEL_SERIALIZATION_MODE", "json".to_string()),
+    ];
+    for (k, v) in ids {
+        env.insert(k.into(), v.into());
+    }
+    env.insert(
+        spec.instance_var.clone().into(),
+        id.instance.to_string().into(),
+    );
+    if spec.instance_var != "NODE_APP_INSTANCE" {
+        env.insert("NODE_APP_INSTANCE".into(), id.instance.to_string().into());
+    }
+    env.into_iter().collect()
+}
+
+/// A freshly spawned worker.
+pub struct Spawned {
+    /// The child (the waiter task owns it).
+    pub child: tokio::process::Child,
+    /// Its pid (= its process group id).
+    pub pid: u32,
+    /// The agent's end of the IPC channel.
+    pub ipc: OwnedFd,
+    /// stdout pipe.
+    pub stdout: tokio::process::ChildStdout,
+    /// stderr pipe.
+    pub stderr: tokio::process::ChildStderr,
+}
+
+/// Spawns one worker as its own process-group leader with the channel on fd 3.
+pub fn spawn(launch: &Launch, env: Vec<(OsString, OsString)>) -> std::io::Result<Spawned> {
+    let (parent, child_end) = ipc::pair()?;
+    let child_fd = child_end.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(&launch.program);
+    cmd.args(&launch.args)
+        .current_dir(&launch.cwd)
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    // SAFETY: runs in the child between fork and exec; it only calls the async-signal-safe
+    // functions fcntl and dup2 on descriptor numbers captured by value.
+    unsafe {
+        cmd.pre_exec(move || {
+            if child_fd == ipc::CHILD_FD {
+                let fl = libc::fcntl(child_fd, libc::F_GETFD);
+                if fl < 0 || libc::fcntl(child_fd, libc::F_SETFD, fl & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(child_fd, ipc::CHILD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(child_end); // else the agent never sees EOF when the worker dies
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("the worker exited before its pid was read"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("stdout pipe missing"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| std::io::Error::other("stderr pipe missing"))?;
+    Ok(Spawned {
+        child,
+        pid,
+        ipc: parent,
+        stdout,
+        stderr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpreters_by_extension() {
+        assert_eq!(interpreter_for(Path::new("/a/app.js")), "node");
+        assert_eq!(interpreter_for(Path::new("/a/app.mjs")), "node");
+        assert_eq!(interpreter_for(Path::new("/a/app.cjs")), "node");
+        assert_eq!(interpreter_for(Path::new("/a/w.py")), "python3");
+        assert_eq!(interpreter_for(Path::new("/a/w.sh")), "bash");
+        assert_eq!(interpreter_for(Path::new("/a/server")), "none");
+    }
+
+    #[test]
+    fn resolve_errors_name_the_host() {
+        let spec = AppSpec::new("a", "/nonexistent/app.js");
+        let e = resolve(&spec, "web-3").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ScriptNotFound);
+        assert!(
+            e.message.contains("web-3") && e.message.contains("/nonexistent/app.js"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("app.js");
+        std::fs::write(&script, "").unwrap();
+        let mut spec = AppSpec::new("a", &script);
+        spec.interpreter = Some("no-such-interpreter-xyz".into());
+        let e = resolve(&spec, "web-3").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InterpreterNotFound);
+        assert!(e.message.contains("no-such-interpreter-xyz") && e.message.contains("web-3"));
+
+        let bin = dir.path().join("server");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        let e = resolve(&AppSpec::new("a", &bin), "h").unwrap_err();
+        assert!(e.message.contains("not executable"), "{e}");
+    }
+
+    #[test]
+    fn cluster_mode_follows_pm2s_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("app.sh");
+        std::fs::write(&script, "").unwrap();
+        let mut spec = AppSpec::new("a", &script);
+        spec.instances = Some(4);
+        assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Fork);
+        spec.interpreter = Some("node".into());
+        if which("node", None).is_some() {
+            assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Cluster);
+            spec.instances = None;
+            assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Fork);
+        }
+    }
+
+    #[test]
+    fn environment_has_pm2_identity_and_no_flotilla_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("app.sh");
+        std::fs::write(&script, "").unwrap();
+        let mut spec = AppSpec::new("api", &script);
+        spec.env.insert("PORT".into(), "3000".into());
+        let launch = resolve(&spec, "h").unwrap();
+        let env = environment(
+            &spec,
+            &launch,
+            &Identity {
+                pm_id: 7,
+                name: "api",
+                namespace: "default",
+                instance: 2,
+                instances: 4,
+            },
+        );
+        let get = |k: &str| {
+            env.iter()
+                .find(|(a, _)| a == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(get("pm_id").as_deref(), Some("7"));
+        assert_eq!(get("NODE_APP_INSTANCE").as_deref(), Some("2"));
+        assert_eq!(get("PM_INSTANCE").as_deref(), Some("2"));
+        assert_eq!(get("NODE_CHANNEL_FD").as_deref(), Some("3"));
+        assert_eq!(get("PORT").as_deref(), Some("3000"));
+        assert!(
+            env.iter()
+                .all(|(k, _)| !k.to_string_lossy().starts_with("FLOTILLA_"))
+        );
+    }
+}

@@ -1,0 +1,1013 @@
+//! The process table: one task owns it. Requests arrive with their reply channel; child exits,
+//! readiness and timers arrive as messages. Nothing polls.
+
+use super::ipc::OutFrame;
+use super::policy::{Decision, RestartState};
+use super::relay::{RelayHub, WorkerRelay};
+use super::signals;
+use super::spawn::{self, Identity, Launch};
+use super::stats::CpuMeter;
+use super::worker::{self, RunContext, WorkerEvent};
+use crate::protocol::control::{
+    AgentStats, Change, ControlError, ErrorKind, ProcessInfo, Reply, Request, SendRequest,
+    SignalRequest, StartRequest, Target, TargetRequest,
+};
+use crate::protocol::envelope::{EventFields, ProcessMeta, Status, now_ms};
+use crate::protocol::{AppKey, AppSpec};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// What the supervisor needs from the agent.
+pub struct SupervisorConfig {
+    /// This host.
+    pub host: String,
+    /// Relay hub.
+    pub hub: Arc<RelayHub>,
+    /// Directory of log files.
+    pub log_dir: PathBuf,
+    /// Tracks every task the supervisor starts.
+    pub tracker: TaskTracker,
+}
+
+/// Figures for the heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Processes in the table.
+    pub processes: u32,
+    /// Online ones.
+    pub online: u32,
+    /// Sum of their RSS.
+    pub workers_memory: u64,
+    /// Drops per pm_id (non-zero only).
+    pub dropped_by_process: BTreeMap<u32, u64>,
+}
+
+enum Msg {
+    Request(Box<Request>, oneshot::Sender<Reply>),
+    Worker(WorkerEvent),
+    RestartDue { pm_id: u32, run_gen: u64 },
+    KillTimeout { pm_id: u32, run_gen: u64 },
+    ReadyTimeout { pm_id: u32, run_gen: u64 },
+    Summary(oneshot::Sender<Summary>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Handle to the supervisor task.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl SupervisorHandle {
+    /// Runs one request and returns its reply.
+    pub async fn request(&self, req: Request, host: &str) -> Reply {
+        let id = req.request_id();
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Request(Box::new(req), tx)).await.is_err() {
+            return shutting_down(id, host);
+        }
+        rx.await.unwrap_or_else(|_| shutting_down(id, host))
+    }
+
+    /// Figures for the heartbeat; `None` once stopped.
+    pub async fn summary(&self) -> Option<Summary> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Summary(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Stops every worker gracefully and waits for them; then the supervisor ends.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn shutting_down(id: Uuid, host: &str) -> Reply {
+    Reply::err(
+        Some(id),
+        host,
+        ControlError::new(
+            ErrorKind::ShuttingDown,
+            format!("the agent on {host} is shutting down: retry when it is back"),
+        ),
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterStop {
+    Nothing,
+    Restart,
+    Delete,
+}
+
+struct Run {
+    pid: u32,
+    writer: mpsc::Sender<OutFrame>,
+    stop_deadline: Option<Instant>,
+}
+
+struct Proc {
+    meta: ProcessMeta,
+    app: AppKey,
+    spec: Arc<AppSpec>,
+    launch: Arc<Launch>,
+    relay: Arc<WorkerRelay>,
+    run_gen: u64,
+    run: Option<Run>,
+    policy: RestartState,
+    after_stop: AfterStop,
+    manual_restart_event: bool,
+    waiters: Vec<u64>,
+    exit_code: Option<i32>,
+    meter: CpuMeter,
+    out_log: PathBuf,
+    err_log: PathBuf,
+    instances: u32,
+}
+
+struct Op {
+    request_id: Uuid,
+    reply: oneshot::Sender<Reply>,
+    waiting: BTreeSet<u32>,
+    changes: Vec<Change>,
+    done_word: &'static str,
+}
+
+struct Supervisor {
+    cfg: SupervisorConfig,
+    tx: mpsc::Sender<Msg>,
+    procs: BTreeMap<u32, Proc>,
+    ops: HashMap<u64, Op>,
+    next_op: u64,
+    next_pm_id: u32,
+    shutdown: Option<oneshot::Sender<()>>,
+    agent_meter: CpuMeter,
+}
+
+/// Starts the supervisor task on the config's tracker.
+pub fn start(cfg: SupervisorConfig) -> SupervisorHandle {
+    let (tx, rx) = mpsc::channel(1024);
+    let (wtx, wrx) = mpsc::channel::<WorkerEvent>(1024);
+    let tracker = cfg.tracker.clone();
+    // Worker events get their own channel so a burst of requests never delays an exit.
+    let fwd = tx.clone();
+    tracker.spawn(forward(wrx, fwd));
+    let sup = Supervisor {
+        cfg,
+        tx: tx.clone(),
+        procs: BTreeMap::new(),
+        ops: HashMap::new(),
+        next_op: 0,
+        next_pm_id: 0,
+        shutdown: None,
+        agent_meter: CpuMeter::default(),
+    };
+    tracker.spawn(sup.run(rx, wtx));
+    SupervisorHandle { tx }
+}
+
+async fn forward(mut rx: mpsc::Receiver<WorkerEvent>, tx: mpsc::Sender<Msg>) {
+    while let Some(ev) = rx.recv().await {
+        if tx.send(Msg::Worker(ev)).await.is_err() {
+            break;
+        }
+    }
+}
+
+impl Supervisor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, wtx: mpsc::Sender<WorkerEvent>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Request(req, reply) => self.on_request(*req, reply, &wtx),
+                Msg::Worker(WorkerEvent::Exited {
+                    pm_id,
+                    run_gen,
+                    status,
+                }) => self.on_exit(pm_id, run_gen, status, &wtx),
+                Msg::Worker(WorkerEvent::Ready { pm_id, run_gen }) => {
+                    self.on_ready(pm_id, run_gen, false)
+                }
+                Msg::ReadyTimeout { pm_id, run_gen } => self.on_ready(pm_id, run_gen, true),
+                Msg::RestartDue { pm_id, run_gen } => {
+                    if let Some(p) = self.procs.get_mut(&pm_id)
+                        && p.run_gen == run_gen
+                        && p.meta.status == Status::WaitingRestart
+                    {
+                        p.meta.restart_time += 1;
+                        self.spawn_proc(pm_id, &wtx);
+                    }
+                }
+                Msg::KillTimeout { pm_id, run_gen } => self.on_kill_timeout(pm_id, run_gen),
+                Msg::Summary(reply) => {
+                    let _ = reply.send(self.summary());
+                }
+                Msg::Shutdown(done) => {
+                    self.shutdown = Some(done);
+                    let ids: Vec<u32> = self.procs.keys().copied().collect();
+                    for id in ids {
+                        self.stop_one(id, AfterStop::Nothing, None);
+                    }
+                }
+            }
+            if self.shutdown.is_some() && self.procs.values().all(|p| p.run.is_none()) {
+                break;
+            }
+        }
+        for p in self.procs.values() {
+            self.cfg.hub.retire(&p.relay);
+        }
+        if let Some(done) = self.shutdown.take() {
+            let _ = done.send(());
+        }
+    }
+
+    fn host(&self) -> &str {
+        &self.cfg.host
+    }
+
+    fn on_request(
+        &mut self,
+        req: Request,
+        reply: oneshot::Sender<Reply>,
+        wtx: &mpsc::Sender<WorkerEvent>,
+    ) {
+        let id = req.request_id();
+        if self.shutdown.is_some() {
+            let _ = reply.send(shutting_down(id, self.host()));
+            return;
+        }
+        let res = match req {
+            Request::Start(r) => self.start(*r, wtx),
+            Request::List(r) => self.list(&r),
+            Request::Send(r) => self.send(r),
+            Request::Signal(r) => self.signal(r),
+            Request::Stop(r) => return self.targeted(r, AfterStop::Nothing, reply, wtx),
+            Request::Restart(r) => return self.targeted(r, AfterStop::Restart, reply, wtx),
+            Request::Delete(r) => return self.targeted(r, AfterStop::Delete, reply, wtx),
+        };
+        let out = match res {
+            Ok(r) => r,
+            Err(e) => Reply::err(Some(id), self.host(), e),
+        };
+        let _ = reply.send(out);
+    }
+
+    fn matching(&self, target: &Target) -> Result<Vec<u32>, ControlError> {
+        let ids: Vec<u32> = self
+            .procs
+            .values()
+            .filter(|p| target.matches(&p.meta))
+            .map(|p| p.meta.pm_id)
+            .collect();
+        if ids.is_empty() && *target != Target::All {
+            return Err(ControlError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no process matches '{target}' on host {}: `list` shows what runs there",
+                    self.host()
+                ),
+            ));
+        }
+        Ok(ids)
+    }
+
+    fn info(&mut self, pm_id: u32) -> Option<ProcessInfo> {
+        let p = self.procs.get_mut(&pm_id)?;
+        if let Some(run) = &p.run {
+            p.meter.update(run.pid);
+        }
+        Some(ProcessInfo {
+            meta: p.meta.clone(),
+            cpu: if p.run.is_some() { p.meter.cpu } else { 0.0 },
+            memory: if p.run.is_some() { p.meter.memory } else { 0 },
+            dropped: p.relay.dropped(),
+            ipc_errors: p.relay.ipc_errors(),
+            unstable_restarts: p.policy.unstable_restarts,
+            exit_code: p.exit_code,
+            script: p.launch.script.clone(),
+            cwd: p.launch.cwd.clone(),
+            interpreter: p.launch.interpreter.clone(),
+            out_log: p.out_log.clone(),
+            err_log: p.err_log.clone(),
+        })
+    }
+
+    fn agent_stats(&mut self) -> AgentStats {
+        let s = self.cfg.hub.relay().stats();
+        AgentStats {
+            host: self.cfg.host.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            relayed: s.relayed,
+            dropped: s.dropped,
+            ipc_errors: self.cfg.hub.ipc_errors(),
+            queued: s.queued,
+            max_message: self.cfg.hub.max_message() as u64,
+        }
+    }
+
+    fn list(&mut self, r: &TargetRequest) -> Result<Reply, ControlError> {
+        let ids = self.matching(&r.target)?;
+        let mut reply = Reply::ok(Some(r.request_id), self.host());
+        reply.processes = ids.into_iter().filter_map(|id| self.info(id)).collect();
+        reply.agent = Some(self.agent_stats());
+        Ok(reply)
+    }
+
+    fn summary(&mut self) -> Summary {
+        let ids: Vec<u32> = self.procs.keys().copied().collect();
+        let mut s = Summary::default();
+        for id in ids {
+            let Some(info) = self.info(id) else { continue };
+            s.processes += 1;
+            if info.meta.status == Status::Online {
+                s.online += 1;
+            }
+            s.workers_memory += info.memory;
+            if info.dropped > 0 {
+                s.dropped_by_process.insert(id, info.dropped);
+            }
+        }
+        self.agent_meter.update(0);
+        s
+    }
+
+    fn start(
+        &mut self,
+        r: StartRequest,
+        wtx: &mpsc::Sender<WorkerEvent>,
+    ) -> Result<Reply, ControlError> {
+        let spec = r.app;
+        let app = AppKey::new(&spec.namespace, &spec.name)?;
+        let instances = spec.instances.unwrap_or(1);
+        if instances == 0 {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                "instances must be at least 1 (the CLI turns 0 and 'max' into the CPU count)",
+            ));
+        }
+        if instances > 4096 {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                format!("{instances} instances is more than one host should run (4096 at most)"),
+            ));
+        }
+        signals::parse(&spec.kill_signal).map_err(|e| {
+            ControlError::new(
+                ErrorKind::InvalidValue,
+                format!("kill_signal: {}", e.message),
+            )
+        })?;
+        let launch = Arc::new(spawn::resolve(&spec, self.host())?);
+        let existing: Vec<u32> = self
+            .procs
+            .values()
+            .filter(|p| p.app == app)
+            .map(|p| p.meta.pm_id)
+            .collect();
+        let spec = Arc::new(spec);
+        let mut reply = Reply::ok(Some(r.request_id), self.host());
+        if !existing.is_empty() && !r.force {
+            let alive: Vec<u32> = existing
+                .iter()
+                .copied()
+                .filter(|id| {
+                    self.procs[id].meta.status != Status::Stopped
+                        && self.procs[id].meta.status != Status::Errored
+                })
+                .collect();
+            if !alive.is_empty() {
+                return Err(ControlError::new(
+                    ErrorKind::AlreadyRunning,
+                    format!(
+                        "{app} is already running on host {} (pm_id {}): restart it, or force a second copy",
+                        self.host(),
+                        alive
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            // pm2: `start` of a stopped app starts it again, with the new options.
+            for id in existing {
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.spec = spec.clone();
+                    p.launch = launch.clone();
+                    p.policy.reset(Instant::now());
+                    p.relay.event(&EventFields::named("start").manually(true));
+                }
+                self.spawn_proc(id, wtx);
+                reply.changes.push(Change {
+                    pm_id: id,
+                    what: "started".into(),
+                });
+                reply.processes.extend(self.info(id));
+            }
+            return Ok(reply);
+        }
+        let ids: Vec<u32> = if spec.pm_ids.is_empty() {
+            (0..instances).map(|i| self.next_pm_id + i).collect()
+        } else {
+            if spec.pm_ids.len() != instances as usize {
+                return Err(ControlError::new(
+                    ErrorKind::InvalidValue,
+                    format!(
+                        "pm_ids has {} ids for {instances} instances",
+                        spec.pm_ids.len()
+                    ),
+                ));
+            }
+            if let Some(taken) = spec.pm_ids.iter().find(|id| self.procs.contains_key(id)) {
+                return Err(ControlError::new(
+                    ErrorKind::InvalidValue,
+                    format!("pm_id {taken} is already used on host {}", self.host()),
+                ));
+            }
+            spec.pm_ids.clone()
+        };
+        let app_id = spec.app_id.unwrap_or_else(Uuid::new_v4);
+        std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| {
+            ControlError::new(
+                ErrorKind::SpawnFailed,
+                format!(
+                    "cannot create the log directory {}: {e}",
+                    self.cfg.log_dir.display()
+                ),
+            )
+        })?;
+        for (i, &pm_id) in ids.iter().enumerate() {
+            self.next_pm_id = self.next_pm_id.max(pm_id + 1);
+            let meta = ProcessMeta {
+                pm_id,
+                name: app.name().into(),
+                namespace: app.namespace().into(),
+                rev: None,
+                host: self.cfg.host.clone(),
+                pid: 0,
+                instance: i as u32,
+                exec_mode: launch.exec_mode,
+                status: Status::Launching,
+                restart_time: 0,
+                pm_uptime: 0,
+                app_id,
+            };
+            let relay = self.cfg.hub.worker(&app, &meta);
+            let log = |kind: &str| {
+                self.cfg
+                    .log_dir
+                    .join(format!("{}-{kind}-{pm_id}.log", app.name()))
+            };
+            let proc = Proc {
+                out_log: log("out"),
+                err_log: log("error"),
+                meta,
+                app: app.clone(),
+                spec: spec.clone(),
+                launch: launch.clone(),
+                relay,
+                run_gen: 0,
+                run: None,
+                policy: RestartState::new(Instant::now()),
+                after_stop: AfterStop::Nothing,
+                manual_restart_event: false,
+                waiters: vec![],
+                exit_code: None,
+                meter: CpuMeter::default(),
+                instances,
+            };
+            proc.relay
+                .event(&EventFields::named("start").manually(true));
+            self.procs.insert(pm_id, proc);
+            self.spawn_proc(pm_id, wtx);
+            reply.changes.push(Change {
+                pm_id,
+                what: "started".into(),
+            });
+        }
+        let failed: Vec<String> = ids
+            .iter()
+            .filter(|id| self.procs[id].meta.status == Status::Errored)
+            .map(|id| id.to_string())
+            .collect();
+        reply.processes = ids.iter().filter_map(|&id| self.info(id)).collect();
+        if !failed.is_empty() {
+            reply.error = Some(ControlError::new(
+                ErrorKind::SpawnFailed,
+                format!(
+                    "{app}: pm_id {} could not be spawned on host {} (see the spawn:error event and the agent log)",
+                    failed.join(", "),
+                    self.host()
+                ),
+            ));
+        }
+        Ok(reply)
+    }
+
+    /// Spawns a new run of `pm_id`; on failure the process is `errored` with an event.
+    fn spawn_proc(&mut self, pm_id: u32, wtx: &mpsc::Sender<WorkerEvent>) {
+        let tracker = self.cfg.tracker.clone();
+        let self_tx = self.tx.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        p.run_gen += 1;
+        let env = spawn::environment(
+            &p.spec,
+            &p.launch,
+            &Identity {
+                pm_id,
+                name: &p.meta.name,
+                namespace: &p.meta.namespace,
+                instance: p.meta.instance,
+                instances: p.instances,
+            },
+        );
+        let spawned = spawn::spawn(&p.launch, env).and_then(|sp| {
+            let pid = sp.pid;
+            let writer = worker::start(
+                &tracker,
+                sp,
+                RunContext {
+                    pm_id,
+                    run_gen: p.run_gen,
+                    relay: p.relay.clone(),
+                    events: wtx.clone(),
+                    out_log: p.out_log.clone(),
+                    err_log: p.err_log.clone(),
+                },
+            )?;
+            Ok((pid, writer))
+        });
+        match spawned {
+            Ok((pid, writer)) => {
+                p.run = Some(Run {
+                    pid,
+                    writer,
+                    stop_deadline: None,
+                });
+                p.policy.started(Instant::now());
+                p.meter = CpuMeter::default();
+                p.meta.pid = pid;
+                p.meta.pm_uptime = now_ms();
+                if p.spec.wait_ready {
+                    p.meta.status = Status::Launching;
+                    p.relay.set_meta(&p.meta);
+                    let (run_gen, d) = (p.run_gen, p.spec.listen_timeout);
+                    tracker.spawn(async move {
+                        tokio::time::sleep(d).await;
+                        let _ = self_tx.send(Msg::ReadyTimeout { pm_id, run_gen }).await;
+                    });
+                } else {
+                    p.meta.status = Status::Online;
+                    p.relay.set_meta(&p.meta);
+                    p.relay.event(&EventFields::named("online"));
+                }
+                tracing::info!(pm_id, pid, app = %p.app, "worker online");
+            }
+            Err(e) => {
+                let reason = format!(
+                    "could not spawn {} for {} on host {}: {e}",
+                    p.launch.program.display(),
+                    p.app,
+                    self.cfg.host
+                );
+                tracing::error!(pm_id, "{reason}");
+                p.meta.status = Status::Errored;
+                p.meta.pid = 0;
+                p.relay.set_meta(&p.meta);
+                p.relay
+                    .event(&EventFields::named("spawn:error").reason(reason));
+            }
+        }
+    }
+
+    fn on_ready(&mut self, pm_id: u32, run_gen: u64, timed_out: bool) {
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        if p.run_gen != run_gen || p.run.is_none() {
+            return;
+        }
+        if !timed_out {
+            p.relay.event(&EventFields::named("ready"));
+        }
+        if p.meta.status == Status::Launching {
+            p.meta.status = Status::Online;
+            p.relay.set_meta(&p.meta);
+            let mut ev = EventFields::named("online");
+            if timed_out {
+                ev = ev.reason(format!(
+                    "no 'ready' within listen_timeout ({} ms): online anyway, as pm2 does",
+                    p.spec.listen_timeout.as_millis()
+                ));
+            }
+            p.relay.event(&ev);
+        }
+    }
+
+    fn signal_run(p: &Proc, sig: Signal) -> nix::Result<()> {
+        let Some(run) = &p.run else { return Ok(()) };
+        let pid = Pid::from_raw(run.pid as i32);
+        let res = if p.spec.treekill {
+            killpg(pid, sig)
+        } else {
+            kill(pid, sig)
+        };
+        match res {
+            Err(nix::errno::Errno::ESRCH) => Ok(()), // already gone: its exit is on the way
+            other => other,
+        }
+    }
+
+    /// Begins stopping one process; returns true when the caller must wait for its exit.
+    fn stop_one(&mut self, pm_id: u32, after: AfterStop, op: Option<u64>) -> bool {
+        let tracker = self.cfg.tracker.clone();
+        let self_tx = self.tx.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return false;
+        };
+        if after != AfterStop::Nothing || p.after_stop == AfterStop::Nothing {
+            p.after_stop = after;
+        }
+        match p.meta.status {
+            Status::Launching | Status::Online => {
+                p.meta.status = Status::Stopping;
+                p.relay.set_meta(&p.meta);
+                let sig = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT);
+                if let Err(e) = Self::signal_run(p, sig) {
+                    tracing::warn!(pm_id, "sending {sig} failed: {e}");
+                }
+                let deadline = Instant::now() + p.spec.kill_timeout;
+                if let Some(run) = p.run.as_mut() {
+                    run.stop_deadline = Some(deadline);
+                }
+                let run_gen = p.run_gen;
+                tracker.spawn(async move {
+                    tokio::time::sleep_until(deadline).await;
+                    let _ = self_tx.send(Msg::KillTimeout { pm_id, run_gen }).await;
+                });
+                p.waiters.extend(op);
+                true
+            }
+            Status::Stopping => {
+                p.waiters.extend(op);
+                true
+            }
+            Status::WaitingRestart | Status::Stopped | Status::Errored => {
+                if p.meta.status == Status::WaitingRestart {
+                    p.run_gen += 1; // cancels the pending restart
+                    p.meta.status = Status::Stopped;
+                    p.relay.set_meta(&p.meta);
+                }
+                false
+            }
+        }
+    }
+
+    fn on_kill_timeout(&mut self, pm_id: u32, run_gen: u64) {
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        if p.run_gen != run_gen || p.meta.status != Status::Stopping || p.run.is_none() {
+            return;
+        }
+        tracing::warn!(
+            pm_id,
+            "still running {} ms after the kill signal: SIGKILL",
+            p.spec.kill_timeout.as_millis()
+        );
+        if let Some(run) = &p.run {
+            // Always the whole group: stragglers included.
+            let _ = killpg(Pid::from_raw(run.pid as i32), Signal::SIGKILL);
+        }
+    }
+
+    /// `stop`, `restart`, `delete`: act now, reply when every process concerned has settled.
+    fn targeted(
+        &mut self,
+        r: TargetRequest,
+        after: AfterStop,
+        reply: oneshot::Sender<Reply>,
+        wtx: &mpsc::Sender<WorkerEvent>,
+    ) {
+        let ids = match self.matching(&r.target) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = reply.send(Reply::err(Some(r.request_id), self.host(), e));
+                return;
+            }
+        };
+        let op_id = self.next_op;
+        self.next_op += 1;
+        let done_word = match after {
+            AfterStop::Nothing => "stopped",
+            AfterStop::Restart => "restarted",
+            AfterStop::Delete => "deleted",
+        };
+        let mut op = Op {
+            request_id: r.request_id,
+            reply,
+            waiting: BTreeSet::new(),
+            changes: vec![],
+            done_word,
+        };
+        for id in ids {
+            let was = self.procs[&id].meta.status;
+            if self.stop_one(id, after, Some(op_id)) {
+                if after == AfterStop::Restart
+                    && let Some(p) = self.procs.get_mut(&id)
+                {
+                    p.manual_restart_event = true;
+                }
+                op.waiting.insert(id);
+                continue;
+            }
+            // Not running: settle now.
+            let what = match after {
+                AfterStop::Nothing => {
+                    if was == Status::WaitingRestart {
+                        self.emit(id, EventFields::named("stop").manually(true));
+                        "stopped"
+                    } else {
+                        "already stopped"
+                    }
+                }
+                AfterStop::Restart => {
+                    self.manual_restart(id, wtx);
+                    "restarted"
+                }
+                AfterStop::Delete => {
+                    self.delete_now(id);
+                    "deleted"
+                }
+            };
+            op.changes.push(Change {
+                pm_id: id,
+                what: what.into(),
+            });
+        }
+        if op.waiting.is_empty() {
+            self.finish_op(op);
+        } else {
+            self.ops.insert(op_id, op);
+        }
+    }
+
+    fn emit(&self, pm_id: u32, ev: EventFields) {
+        if let Some(p) = self.procs.get(&pm_id) {
+            p.relay.event(&ev);
+        }
+    }
+
+    fn manual_restart(&mut self, pm_id: u32, wtx: &mpsc::Sender<WorkerEvent>) {
+        if let Some(p) = self.procs.get_mut(&pm_id) {
+            p.policy.reset(Instant::now());
+            p.meta.restart_time += 1;
+            p.after_stop = AfterStop::Nothing;
+        }
+        self.spawn_proc(pm_id, wtx);
+        self.emit(pm_id, EventFields::named("restart").manually(true));
+    }
+
+    fn delete_now(&mut self, pm_id: u32) {
+        if let Some(p) = self.procs.remove(&pm_id) {
+            p.relay.event(&EventFields::named("delete").manually(true));
+            self.cfg.hub.retire(&p.relay);
+        }
+    }
+
+    fn finish_op(&mut self, op: Op) {
+        let mut reply = Reply::ok(Some(op.request_id), self.host());
+        reply.processes = op
+            .changes
+            .iter()
+            .filter_map(|c| self.info(c.pm_id))
+            .collect();
+        reply.changes = op.changes;
+        let _ = op.reply.send(reply);
+    }
+
+    fn settle(&mut self, pm_id: u32, waiters: Vec<u64>, what: &str) {
+        for op_id in waiters {
+            let done = match self.ops.get_mut(&op_id) {
+                Some(op) => {
+                    op.waiting.remove(&pm_id);
+                    let word = if what.is_empty() { op.done_word } else { what };
+                    op.changes.push(Change {
+                        pm_id,
+                        what: word.into(),
+                    });
+                    op.waiting.is_empty()
+                }
+                None => false,
+            };
+            if done && let Some(op) = self.ops.remove(&op_id) {
+                self.finish_op(op);
+            }
+        }
+    }
+
+    fn on_exit(
+        &mut self,
+        pm_id: u32,
+        run_gen: u64,
+        status: std::io::Result<std::process::ExitStatus>,
+        wtx: &mpsc::Sender<WorkerEvent>,
+    ) {
+        let tracker = self.cfg.tracker.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        if p.run_gen != run_gen || p.run.is_none() {
+            return;
+        }
+        let run = p.run.take().expect("checked above");
+        let (code, signal) = match &status {
+            Ok(s) => (s.code(), s.signal().map(signals::name)),
+            Err(e) => {
+                tracing::error!(pm_id, "waiting for the worker failed: {e}");
+                (None, None)
+            }
+        };
+        p.exit_code = code;
+        p.meta.pid = 0;
+        let mut exit_ev = EventFields {
+            exit_code: code,
+            signal: signal.clone(),
+            ..EventFields::named("exit")
+        };
+        tracing::info!(pm_id, ?code, ?signal, app = %p.app, "worker exited");
+
+        if p.meta.status == Status::Stopping {
+            // Stragglers in the group get the rest of kill_timeout, then SIGKILL.
+            if p.spec.treekill {
+                let pgid = Pid::from_raw(run.pid as i32);
+                if killpg(pgid, None).is_ok() {
+                    let deadline = run.stop_deadline.unwrap_or_else(Instant::now);
+                    tracker.spawn(async move {
+                        tokio::time::sleep_until(deadline).await;
+                        if killpg(pgid, Signal::SIGKILL).is_ok() {
+                            tracing::warn!(
+                                pgid = pgid.as_raw(),
+                                "killed stragglers of a stopped worker"
+                            );
+                        }
+                    });
+                }
+            }
+            p.meta.status = Status::Stopped;
+            p.relay.set_meta(&p.meta);
+            exit_ev.manually = Some(true);
+            p.relay.event(&exit_ev);
+            let after = std::mem::replace(&mut p.after_stop, AfterStop::Nothing);
+            let waiters = std::mem::take(&mut p.waiters);
+            let restart_event = std::mem::take(&mut p.manual_restart_event);
+            match after {
+                AfterStop::Nothing => {
+                    if !waiters.is_empty() {
+                        p.relay.event(&EventFields::named("stop").manually(true));
+                    }
+                    self.settle(pm_id, waiters, "");
+                }
+                AfterStop::Restart => {
+                    if let Some(p) = self.procs.get_mut(&pm_id) {
+                        p.policy.reset(Instant::now());
+                        p.meta.restart_time += 1;
+                    }
+                    self.spawn_proc(pm_id, wtx);
+                    if restart_event || !waiters.is_empty() {
+                        self.emit(pm_id, EventFields::named("restart").manually(true));
+                    }
+                    self.settle(pm_id, waiters, "");
+                }
+                AfterStop::Delete => {
+                    self.delete_now(pm_id);
+                    self.settle(pm_id, waiters, "deleted");
+                }
+            }
+            return;
+        }
+
+        // An exit nobody asked for: pm2's restart policy.
+        let decision = p.policy.on_exit(Instant::now(), code, &p.spec);
+        match decision {
+            Decision::Overlimit => {
+                p.meta.status = Status::Errored;
+                p.relay.set_meta(&p.meta);
+                p.relay.event(&EventFields::named("restart overlimit").reason(format!(
+                    "{} unstable restarts (runs shorter than min_uptime {} ms): not restarting; fix the crash, then restart it",
+                    p.spec.max_restarts,
+                    p.spec.min_uptime.as_millis()
+                )));
+                p.relay.event(&exit_ev);
+            }
+            Decision::Stop => {
+                p.meta.status = Status::Stopped;
+                p.relay.set_meta(&p.meta);
+                p.relay.event(&exit_ev);
+            }
+            Decision::Restart(delay) => {
+                if delay.is_zero() {
+                    p.meta.status = Status::Stopped;
+                    p.relay.set_meta(&p.meta);
+                    p.relay.event(&exit_ev);
+                    p.meta.restart_time += 1;
+                    self.spawn_proc(pm_id, wtx);
+                } else {
+                    p.meta.status = Status::WaitingRestart;
+                    p.relay.set_meta(&p.meta);
+                    p.relay.event(&exit_ev);
+                    let run_gen = p.run_gen;
+                    let self_tx = self.tx.clone();
+                    tracker.spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = self_tx.send(Msg::RestartDue { pm_id, run_gen }).await;
+                    });
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, r: SendRequest) -> Result<Reply, ControlError> {
+        if let Some(cmd) = r.message.get("cmd").and_then(|c| c.as_str())
+            && cmd.starts_with("NODE_")
+        {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                format!(
+                    "messages with \"cmd\": \"{cmd}\" are Node's own channel messages and would be swallowed or crash the worker: use another key"
+                ),
+            ));
+        }
+        let mut line = serde_json::to_vec(&r.message).expect("a JSON value always serialises");
+        line.push(b'\n');
+        let line = bytes::Bytes::from(line);
+        let ids = self.matching(&r.target)?;
+        let mut reply = Reply::ok(Some(r.request_id), self.host());
+        for id in ids {
+            let p = &self.procs[&id];
+            let what = match &p.run {
+                Some(run) if p.meta.status != Status::Stopping => {
+                    match run.writer.try_send(OutFrame::line(line.clone())) {
+                        Ok(()) => "sent".to_string(),
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            "not sent: the worker is not reading its channel (queue full)".into()
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            "not sent: the worker closed its channel".into()
+                        }
+                    }
+                }
+                _ => format!("not sent: {}", p.meta.status.as_str()),
+            };
+            reply.changes.push(Change { pm_id: id, what });
+        }
+        if !reply.changes.iter().any(|c| c.what == "sent") {
+            let detail = reply
+                .changes
+                .iter()
+                .map(|c| format!("pm_id {}: {}", c.pm_id, c.what))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ControlError::new(
+                ErrorKind::ChannelClosed,
+                format!(
+                    "nothing delivered to '{}' on host {} ({detail})",
+                    r.target,
+                    self.host()
+                ),
+            ));
+        }
+        Ok(reply)
+    }
+
+    fn signal(&mut self, r: SignalRequest) -> Result<Reply, ControlError> {
+        let sig = signals::parse(&r.signal)?;
+        let ids = self.matching(&r.target)?;
+        let mut reply = Reply::ok(Some(r.request_id), self.host());
+        for id in ids {
+            let p = &self.procs[&id];
+            let what = match &p.run {
+                Some(run) => match kill(Pid::from_raw(run.pid as i32), sig) {
+                    Ok(()) | Err(nix::errno::Errno::ESRCH) => format!("sent {sig}"),
+                    Err(e) => format!("not sent: {e}"),
+                },
+                None => format!("not sent: {}", p.meta.status.as_str()),
+            };
+            reply.changes.push(Change { pm_id: id, what });
+        }
+        Ok(reply)
+    }
+}

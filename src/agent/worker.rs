@@ -1,0 +1,235 @@
+//! The tasks of one running worker: the waiter (exit as a message), the stdout/stderr pumps
+//! (log files + `log:*`), the IPC reader (relay) and the IPC writer.
+
+use super::ipc::{self, Frame, LineReader, OutFrame};
+use super::relay::WorkerRelay;
+use super::spawn::Spawned;
+use crate::protocol::message::{Classified, classify};
+use crate::protocol::subjects::kind;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+/// Longest log line relayed as one message; longer lines are split.
+pub const MAX_LOG_LINE: usize = 64 << 10;
+
+/// What the worker tasks tell the supervisor.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// The worker process exited (every child exit arrives this way; nothing polls).
+    Exited {
+        /// pm_id
+        pm_id: u32,
+        /// run generation
+        run_gen: u64,
+        /// exit status
+        status: std::io::Result<std::process::ExitStatus>,
+    },
+    /// The worker sent `'ready'`.
+    Ready {
+        /// pm_id
+        pm_id: u32,
+        /// run generation
+        run_gen: u64,
+    },
+}
+
+/// Where a run's tasks report.
+pub struct RunContext {
+    /// pm_id
+    pub pm_id: u32,
+    /// Generation of this run (stale messages are ignored).
+    pub run_gen: u64,
+    /// The relay.
+    pub relay: Arc<WorkerRelay>,
+    /// The supervisor's inbox.
+    pub events: mpsc::Sender<WorkerEvent>,
+    /// stdout log file.
+    pub out_log: PathBuf,
+    /// stderr log file.
+    pub err_log: PathBuf,
+}
+
+/// Starts the tasks of a freshly spawned worker; returns the sender that writes to its channel.
+pub fn start(
+    tracker: &TaskTracker,
+    sp: Spawned,
+    ctx: RunContext,
+) -> std::io::Result<mpsc::Sender<OutFrame>> {
+    let ch = ipc::channel(sp.ipc)?;
+    let (wtx, wrx) = mpsc::channel::<OutFrame>(256);
+    tracker.spawn(ipc::write_loop(ch.clone(), wrx));
+    tracker.spawn(ipc_pump(
+        ch,
+        ctx.relay.clone(),
+        wtx.clone(),
+        ctx.events.clone(),
+        ctx.pm_id,
+        ctx.run_gen,
+    ));
+    tracker.spawn(log_pump(
+        sp.stdout,
+        ctx.out_log,
+        ctx.relay.clone(),
+        kind::LOG_OUT,
+    ));
+    tracker.spawn(log_pump(
+        sp.stderr,
+        ctx.err_log,
+        ctx.relay.clone(),
+        kind::LOG_ERR,
+    ));
+    let mut child = sp.child;
+    let (events, pm_id, run_gen) = (ctx.events, ctx.pm_id, ctx.run_gen);
+    tracker.spawn(async move {
+        let status = child.wait().await;
+        // The supervisor outlives every waiter unless the agent is already gone.
+        let _ = events
+            .send(WorkerEvent::Exited {
+                pm_id,
+                run_gen,
+                status,
+            })
+            .await;
+    });
+    Ok(wtx)
+}
+
+async fn log_pump(
+    r: impl AsyncRead + Unpin,
+    path: PathBuf,
+    relay: Arc<WorkerRelay>,
+    t: &'static str,
+) {
+    let mut file = match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(
+                "cannot open log file {}: {e}; lines go to NATS only",
+                path.display()
+            );
+            None
+        }
+    };
+    let mut br = BufReader::with_capacity(MAX_LOG_LINE, r);
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let chunk = match br.fill_buf().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("{t} pipe read failed: {e}");
+                break;
+            }
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        let n = chunk.len();
+        if let Some(f) = file.as_mut()
+            && let Err(e) = f.write_all(chunk).await
+        {
+            tracing::warn!(
+                "writing {} failed: {e}; lines go to NATS only",
+                path.display()
+            );
+            file = None;
+        }
+        let mut rest = chunk;
+        while let Some(pos) = memchr::memchr(b'\n', rest) {
+            pending.extend_from_slice(&rest[..pos]);
+            emit_line(&relay, t, &pending);
+            pending.clear();
+            rest = &rest[pos + 1..];
+        }
+        pending.extend_from_slice(rest);
+        while pending.len() >= MAX_LOG_LINE {
+            let tail = pending.split_off(MAX_LOG_LINE);
+            emit_line(&relay, t, &pending);
+            pending = tail;
+        }
+        br.consume(n);
+    }
+    if !pending.is_empty() {
+        emit_line(&relay, t, &pending);
+    }
+    if let Some(mut f) = file {
+        let _ = f.flush().await;
+    }
+}
+
+fn emit_line(relay: &WorkerRelay, t: &'static str, line: &[u8]) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    relay.log_line(t, &String::from_utf8_lossy(line));
+}
+
+fn snippet(line: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&line[..line.len().min(60)]);
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() > 60 {
+        format!("{s}…")
+    } else {
+        s
+    }
+}
+
+async fn ipc_pump(
+    ch: ipc::Channel,
+    relay: Arc<WorkerRelay>,
+    writer: mpsc::Sender<OutFrame>,
+    events: mpsc::Sender<WorkerEvent>,
+    pm_id: u32,
+    run_gen: u64,
+) {
+    let mut reader = LineReader::new(relay.max_message());
+    loop {
+        let mut ready = false;
+        let res = reader
+            .read(&ch, |frame, fds| match frame {
+                Frame::Line(line) => match classify(line) {
+                    Ok(Classified::NodeInternal { cmd, .. }) => {
+                        if cmd == "NODE_HANDLE" {
+                            // A handle rode with this message: we do not use it; close it and
+                            // acknowledge, or Node holds back the worker's next sends.
+                            drop(fds.pop_front());
+                            let _ = writer.try_send(OutFrame::line(&b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"[..]));
+                        }
+                    }
+                    Ok(c) => {
+                        ready |= matches!(c, Classified::Raw { ready: true, .. });
+                        relay.message(&c);
+                    }
+                    Err(e) => relay.ipc_error(format!(
+                        "malformed line on the IPC channel ({e}), starting `{}`: write one JSON value per line",
+                        snippet(line)
+                    )),
+                },
+                Frame::Oversized(n) => relay.ipc_error(format!(
+                    "a message of {n} bytes on the IPC channel exceeds the limit of {} bytes \
+                     (relay.max_message, default the server's max_payload): skipped",
+                    relay.max_message()
+                )),
+            })
+            .await;
+        if ready {
+            let _ = events.send(WorkerEvent::Ready { pm_id, run_gen }).await;
+        }
+        match res {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!(pm_id, "IPC channel read failed: {e}");
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The command line: `flotilla <verb>`. The pm2-style verbs arrive with the controller; this
+//! module has the roles and `events`.
+
+use crate::config::{Settings, Sources};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// pm2 for fleets, on NATS.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Settings file (default: $FLOTILLA_HOME/flotilla.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL (nats.url).
+    #[arg(long, global = true, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Home directory (home).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// The verb.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: supervise this host's workers and relay them to NATS.
+    Agent(AgentArgs),
+    /// Print every event on the bus (pm.> by default), one JSON envelope per line.
+    Events(EventsArgs),
+}
+
+/// `flotilla agent`
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This host's id (host_id; default: the hostname).
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Host labels, k=v (repeatable).
+    #[arg(long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+}
+
+/// `flotilla events`
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Subject filter, e.g. 'pm.default.api.>' or 'pm.*.*.process:event' (default: pm.>).
+    pub filter: Option<String>,
+    /// Print the subject before each message.
+    #[arg(long)]
+    pub subjects: bool,
+}
+
+impl Cli {
+    /// Settings from defaults, file, environment and these flags.
+    pub fn settings(
+        &self,
+        extra: Vec<(String, String)>,
+    ) -> Result<Settings, crate::config::ConfigError> {
+        let mut flags = extra;
+        if let Some(u) = &self.nats_url {
+            flags.push(("nats.url".into(), u.clone()));
+        }
+        if let Some(h) = &self.home {
+            flags.push(("home".into(), h.display().to_string()));
+        }
+        Settings::load(&Sources::from_process(self.config.clone(), flags))
+    }
+}
+pub mod events;
