@@ -214,7 +214,9 @@ mod tests {
         s.exp_backoff_restart_delay = Some(Duration::from_millis(20_000));
         let mut st = RestartState::new(Instant::now());
         tokio::time::advance(Duration::from_secs(60)).await;
+        st.started(Instant::now());
         let d1 = st.on_exit(Instant::now(), Some(1), &s);
+        st.started(Instant::now());
         let d2 = st.on_exit(Instant::now(), Some(1), &s);
         assert_eq!(d1, Decision::Restart(Duration::from_millis(20_000)));
         assert_eq!(d2, Decision::Restart(BACKOFF_CAP));
