@@ -31,8 +31,25 @@ pub struct DropWindow {
 struct Faults {
     pending_drops: Option<DropWindow>,
     pending_errors: u64,
-    pending_reason: Option<String>,
+    pending_reasons: Vec<String>,
     last_error_report: u64,
+}
+
+/// Distinct reasons kept for one `ipc:error` report.
+const MAX_REASONS: usize = 3;
+
+impl Faults {
+    /// The count and the reasons (distinct, at most [`MAX_REASONS`]) since the last report.
+    fn take_errors(&mut self) -> (u64, String) {
+        let count = std::mem::take(&mut self.pending_errors);
+        let reasons = std::mem::take(&mut self.pending_reasons);
+        let shown = reasons.len() as u64;
+        let mut text = reasons.join("; ");
+        if count > shown {
+            text.push_str(&format!(" (and {} more)", count - shown));
+        }
+        (count, text)
+    }
 }
 
 /// Everything a worker's reader tasks need to relay: one per process, kept across restarts.
@@ -149,15 +166,12 @@ impl WorkerRelay {
         let report = {
             let mut f = lock(&self.faults);
             f.pending_errors += 1;
-            if f.pending_reason.is_none() {
-                f.pending_reason = Some(reason);
+            if f.pending_reasons.len() < MAX_REASONS && !f.pending_reasons.contains(&reason) {
+                f.pending_reasons.push(reason);
             }
             if now.saturating_sub(f.last_error_report) >= 1000 {
                 f.last_error_report = now;
-                Some((
-                    std::mem::take(&mut f.pending_errors),
-                    f.pending_reason.take().unwrap_or_default(),
-                ))
+                Some(f.take_errors())
             } else {
                 None
             }
@@ -181,10 +195,7 @@ impl WorkerRelay {
             let mut f = lock(&self.faults);
             (f.pending_errors > 0).then(|| {
                 f.last_error_report = now_ms();
-                (
-                    std::mem::take(&mut f.pending_errors),
-                    f.pending_reason.take().unwrap_or_default(),
-                )
+                f.take_errors()
             })
         };
         if let Some((count, reason)) = report {

@@ -1,0 +1,683 @@
+//! The agent end to end: a real nats-server, real Node and Python workers, real signals.
+
+mod support;
+
+use flotilla::protocol::control::{ErrorKind, SendRequest, SignalRequest, StartRequest};
+use flotilla::protocol::{AppSpec, ExecMode, Request, Status, Target};
+use std::time::Duration;
+use support::*;
+use uuid::Uuid;
+
+fn spec(name: &str, script: &str) -> AppSpec {
+    AppSpec::new(name, fixture(script))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_workers_messages_logs_and_lifecycle_reach_nats_with_metadata() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut all = Watch::new(&client, "pm.>").await;
+    let agent = TestAgent::start(&nats, "web-1").await;
+
+    let mut s = spec("api", "chatty.js");
+    s.instances = Some(2);
+    s.env.insert("SECRET".into(), "hunter2".into());
+    let reply = request(&client, "web-1", start(s)).await;
+    assert!(reply.error.is_none(), "{reply:?}");
+    assert_eq!(reply.changes.len(), 2);
+    let ids: Vec<u32> = reply.processes.iter().map(|p| p.meta.pm_id).collect();
+    assert_eq!(ids, vec![0, 1]);
+
+    let mut seen = vec![];
+    // start, online, 3 typed messages, chat:new, raw string, raw bad token, log:out, log:err per instance
+    let want = |seen: &Vec<Seen>| {
+        (0..2).all(|i| {
+            let mine: Vec<&Seen> = seen.iter().filter(|s| s.env.process.pm_id == i).collect();
+            let count = |subj: &str| mine.iter().filter(|s| s.subject == subj).count();
+            count("pm.default.api.process:msg") >= 5
+                && count("pm.default.api.chat:new") == 1
+                && count("pm.default.api.log:out") >= 1
+                && count("pm.default.api.log:err") >= 1
+                && mine.iter().any(|s| event_name(s) == Some("online"))
+                && mine.iter().any(|s| event_name(s) == Some("start"))
+        })
+    };
+    all.until("all messages of both instances", |s| {
+        seen.push(s.clone());
+        want(&seen)
+    })
+    .await;
+
+    for s in &seen {
+        // Nats-Msg-Id equals the envelope id.
+        assert_eq!(s.msg_id.as_deref(), Some(s.env.id.to_string().as_str()));
+        assert_eq!(s.env.process.host, "web-1");
+        assert_eq!(s.env.process.namespace, "default");
+        assert_eq!(s.env.process.exec_mode, ExecMode::Cluster);
+        // no env values anywhere in events
+        let text = serde_json::to_string(&s.env).unwrap();
+        assert!(!text.contains("hunter2"), "secret leaked: {text}");
+    }
+    let online: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| event_name(s) == Some("online"))
+        .collect();
+    for o in &online {
+        assert_eq!(o.env.process.status, Status::Online);
+        assert!(o.env.process.pid > 0);
+        assert!(o.env.process.pm_uptime > 0);
+    }
+    let instances: std::collections::BTreeSet<u32> =
+        online.iter().map(|o| o.env.process.instance).collect();
+    assert_eq!(instances, [0, 1].into());
+    // typed message: data only; raw: whole message
+    let typed = seen
+        .iter()
+        .find(|s| s.subject.ends_with("chat:new"))
+        .unwrap();
+    assert_eq!(typed.env.data, Some(serde_json::json!({"text": "hi"})));
+    assert!(typed.env.raw.is_none());
+    assert!(
+        seen.iter()
+            .any(|s| s.env.raw == Some(serde_json::json!("just a string")))
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.env.raw == Some(serde_json::json!({"type": "a.b", "data": 1}))),
+        "a type that is no valid token goes to process:msg as raw"
+    );
+    let hello = seen
+        .iter()
+        .find(|s| s.subject.ends_with("log:out") && s.env.process.pm_id == 0)
+        .unwrap();
+    assert_eq!(
+        hello.env.data,
+        Some(serde_json::json!("hello from instance 0 pm_id 0"))
+    );
+
+    // send: delivered to process.on('message') as given; the echo comes back typed.
+    let mut echo = Watch::new(&client, "pm.default.api.echo").await;
+    let reply = request(
+        &client,
+        "web-1",
+        SendRequest {
+            request_id: Uuid::new_v4(),
+            target: Target::Id(1),
+            message: serde_json::json!({"topic": "hello", "n": [1, 2]}),
+        }
+        .into(),
+    )
+    .await;
+    assert!(reply.error.is_none(), "{reply:?}");
+    let e = echo.until("echo", |_| true).await;
+    assert_eq!(e.env.process.pm_id, 1);
+    assert_eq!(
+        e.env.data,
+        Some(serde_json::json!({"got": {"topic": "hello", "n": [1, 2]}, "env_secret_seen": true}))
+    );
+
+    // log files, as pm2 keeps them
+    let out = std::fs::read_to_string(agent.log_dir().join("api-out-0.log")).unwrap();
+    assert!(out.contains("hello from instance 0 pm_id 0"), "{out}");
+    let err = std::fs::read_to_string(agent.log_dir().join("api-error-1.log")).unwrap();
+    assert!(err.contains("a line on stderr"), "{err}");
+
+    // list
+    let list = request(&client, "web-1", targeted("list", "all")).await;
+    assert_eq!(list.processes.len(), 2);
+    assert!(
+        list.processes
+            .iter()
+            .all(|p| p.meta.status == Status::Online && p.memory > 0)
+    );
+    let stats = list.agent.unwrap();
+    assert!(stats.relayed > 10);
+    assert_eq!(stats.dropped, 0);
+
+    // stop: exit + stop events, status stopped
+    let reply = request(&client, "web-1", targeted("stop", "api")).await;
+    assert!(reply.error.is_none());
+    assert!(reply.changes.iter().all(|c| c.what == "stopped"));
+    assert!(
+        reply
+            .processes
+            .iter()
+            .all(|p| p.meta.status == Status::Stopped && p.meta.pid == 0)
+    );
+    all.event(0, "stop").await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_uses_the_channel_on_fd3() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.py.>").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let reply = request(&client, "h", start(spec("py", "worker.py"))).await;
+    assert!(reply.error.is_none(), "{reply:?}");
+    assert_eq!(reply.processes[0].interpreter, "python3");
+    assert_eq!(reply.processes[0].meta.exec_mode, ExecMode::Fork);
+    // The channel and stdout are separate streams: either may arrive first.
+    let (mut hello, mut up) = (None, false);
+    w.until("py:hello and the stdout line", |s| {
+        if s.subject == "pm.default.py.py:hello" {
+            hello = s.env.data.clone();
+        }
+        up |= s.subject.ends_with("log:out")
+            && s.env.data == Some(serde_json::json!("python worker up"));
+        hello.is_some() && up
+    })
+    .await;
+    assert_eq!(hello, Some(serde_json::json!({"instance": "0"})));
+    let reply = request(
+        &client,
+        "h",
+        SendRequest {
+            request_id: Uuid::new_v4(),
+            target: Target::parse("default/py").unwrap(),
+            message: serde_json::json!(["any", "json", 1]),
+        }
+        .into(),
+    )
+    .await;
+    assert!(reply.error.is_none(), "{reply:?}");
+    let echo = w
+        .until("py:echo", |s| s.subject == "pm.default.py.py:echo")
+        .await;
+    assert_eq!(echo.env.data, Some(serde_json::json!(["any", "json", 1])));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_lines_are_reported_and_the_worker_keeps_running() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.bad.>").await;
+    let agent = TestAgent::start_with(&nats, "h", |s| s.relay.max_message = Some(4096)).await;
+    let reply = request(&client, "h", start(spec("bad", "malformed.py"))).await;
+    assert!(reply.error.is_none(), "{reply:?}");
+    let mut errors = 0;
+    let mut reasons = vec![];
+    let mut after = false;
+    w.until("3 faults reported and the good message", |s| {
+        if event_name(s) == Some("ipc:error") {
+            let e = s.env.event.as_ref().unwrap();
+            errors += e.count.unwrap();
+            reasons.push(e.reason.clone().unwrap());
+        }
+        if s.subject == "pm.default.bad.after" {
+            after = true;
+        }
+        errors >= 3 && after
+    })
+    .await;
+    let text = reasons.join(" | ");
+    assert!(text.contains("malformed line"), "{text}");
+    let list = request(&client, "h", targeted("list", "bad")).await;
+    let p = &list.processes[0];
+    assert_eq!(p.meta.status, Status::Online, "the worker keeps running");
+    assert_eq!(p.ipc_errors, 3);
+    assert_eq!(p.meta.restart_time, 0);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_reason_names_the_limit() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.big.>").await;
+    let agent = TestAgent::start_with(&nats, "h", |s| s.relay.max_message = Some(4096)).await;
+    let mut s = spec("big", "malformed.py");
+    s.env.insert("BIG".into(), "100000".into());
+    request(&client, "h", start(s)).await;
+    let mut reasons = String::new();
+    w.until("oversized report", |s| {
+        if let Some(e) = s.env.event.as_ref().filter(|e| e.event == "ipc:error") {
+            reasons.push_str(e.reason.as_deref().unwrap_or_default());
+            reasons.push('|');
+        }
+        reasons.contains("exceeds the limit of 4096 bytes")
+    })
+    .await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_reaches_restart_overlimit_and_errored() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.crash.process:event").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("crash", "crash.js");
+    s.max_restarts = 3;
+    request(&client, "h", start(s)).await;
+    let mut names = vec![];
+    let over = w
+        .until("restart overlimit", |s| {
+            names.push(event_name(s).unwrap_or_default().to_string());
+            event_name(s) == Some("restart overlimit")
+        })
+        .await;
+    assert_eq!(over.env.process.status, Status::Errored);
+    // pm2's sequence: start, online, (exit, online)×2, then overlimit; no `restart` events
+    assert_eq!(
+        names,
+        vec![
+            "start",
+            "online",
+            "exit",
+            "online",
+            "exit",
+            "online",
+            "restart overlimit"
+        ]
+    );
+    let exit = w.event(0, "exit").await;
+    assert_eq!(exit.env.event.unwrap().exit_code, Some(1));
+    let list = request(&client, "h", targeted("list", "crash")).await;
+    assert_eq!(list.processes[0].meta.status, Status::Errored);
+    assert_eq!(list.processes[0].meta.restart_time, 2);
+    // a manual restart resets the counters and runs it again
+    let r = request(&client, "h", targeted("restart", "crash")).await;
+    assert_eq!(r.changes[0].what, "restarted");
+    w.event(0, "online").await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_exit_codes_and_no_autorestart_leave_it_stopped() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.*.process:event").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("codes", "crash.js");
+    s.env.insert("EXIT_CODE".into(), "3".into());
+    s.stop_exit_codes.0 = vec![3];
+    let r = request(&client, "h", start(s)).await;
+    let id = r.processes[0].meta.pm_id;
+    let exit = w.event(id, "exit").await;
+    assert_eq!(exit.env.process.status, Status::Stopped);
+    let mut s = spec("noauto", "crash.js");
+    s.autorestart = false;
+    let r = request(&client, "h", start(s)).await;
+    let id2 = r.processes[0].meta.pm_id;
+    let exit = w.event(id2, "exit").await;
+    assert_eq!(exit.env.process.status, Status::Stopped);
+    let list = request(&client, "h", targeted("list", "all")).await;
+    assert!(
+        list.processes
+            .iter()
+            .all(|p| p.meta.status == Status::Stopped && p.meta.restart_time == 0)
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_delay_waits_before_restarting() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.slow.process:event").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("slow", "crash.js");
+    s.restart_delay = Duration::from_millis(300);
+    request(&client, "h", start(s)).await;
+    let exit = w.event(0, "exit").await;
+    assert_eq!(exit.env.process.status, Status::WaitingRestart);
+    let online = w.event(0, "online").await;
+    assert_eq!(online.env.process.restart_time, 1);
+    assert!(
+        online.env.at >= exit.env.at + 300,
+        "restarted after the delay"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sigkills_the_whole_group_after_kill_timeout() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.stubborn.>").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("stubborn", "stubborn.sh");
+    s.kill_timeout = Duration::from_millis(300);
+    request(&client, "h", start(s)).await;
+    let line = w
+        .until("grandchild pid", |s| {
+            s.env
+                .data
+                .as_ref()
+                .and_then(|d| d.as_str())
+                .is_some_and(|l| l.starts_with("grandchild "))
+        })
+        .await;
+    let gpid: i32 = line.env.data.unwrap().as_str().unwrap()[11..]
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid_alive(gpid));
+    let r = request(&client, "h", targeted("stop", "stubborn")).await;
+    assert!(r.error.is_none());
+    let exit = w.event(0, "exit").await;
+    assert_eq!(exit.env.event.unwrap().signal.as_deref(), Some("SIGKILL"));
+    assert!(
+        await_pid_exit(gpid, WAIT).await,
+        "grandchild {gpid} survived"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_ready_goes_online_on_ready_or_after_listen_timeout() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.*.process:event").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("rdy", "ready.js");
+    s.wait_ready = true;
+    let r = request(&client, "h", start(s)).await;
+    assert_eq!(r.processes[0].meta.status, Status::Launching);
+    let ready = w.event(0, "ready").await;
+    assert_eq!(ready.env.process.status, Status::Launching);
+    let online = w.event(0, "online").await;
+    assert_eq!(online.env.process.status, Status::Online);
+
+    let mut s = spec("never", "ready.js");
+    s.wait_ready = true;
+    s.listen_timeout = Duration::from_millis(300);
+    s.env.insert("NEVER".into(), "1".into());
+    let r = request(&client, "h", start(s)).await;
+    let id = r.processes[0].meta.pm_id;
+    let online = w.event(id, "online").await;
+    let reason = online.env.event.unwrap().reason.unwrap();
+    assert!(reason.contains("listen_timeout"), "{reason}");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_precise_errors_and_disturb_nothing() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let ok = request(&client, "h", start(spec("api", "chatty.js"))).await;
+    assert!(ok.error.is_none());
+
+    let err = |r: flotilla::protocol::Reply| r.error.expect("an error");
+    let e = err(request(&client, "h", start(spec("my app", "chatty.js"))).await);
+    assert_eq!(e.kind, ErrorKind::InvalidName);
+    assert!(e.message.contains("'my app'"), "{e}");
+    let mut s = spec("x", "chatty.js");
+    s.namespace = "_fleet".into();
+    assert_eq!(
+        err(request(&client, "h", start(s)).await).kind,
+        ErrorKind::InvalidName
+    );
+    let e = err(request(&client, "h", start(AppSpec::new("x", "/no/such/app.js"))).await);
+    assert_eq!(e.kind, ErrorKind::ScriptNotFound);
+    assert!(
+        e.message.contains("host h") && e.message.contains("/no/such/app.js"),
+        "{e}"
+    );
+    let mut s = spec("x", "chatty.js");
+    s.interpreter = Some("nodezilla".into());
+    assert_eq!(
+        err(request(&client, "h", start(s)).await).kind,
+        ErrorKind::InterpreterNotFound
+    );
+    let mut s = spec("x", "chatty.js");
+    s.instances = Some(0);
+    assert_eq!(
+        err(request(&client, "h", start(s)).await).kind,
+        ErrorKind::InvalidValue
+    );
+    let e = err(request(&client, "h", start(spec("api", "chatty.js"))).await);
+    assert_eq!(e.kind, ErrorKind::AlreadyRunning);
+    let e = err(request(&client, "h", targeted("stop", "nope")).await);
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("'nope'"), "{e}");
+    let e = err(request(&client, "h", targeted("restart", "42")).await);
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    let e = err(request_raw(&client, "h", "start", b"{not json").await);
+    assert_eq!(e.kind, ErrorKind::BadRequest);
+    let e = err(request_raw(
+        &client,
+        "h",
+        "stop",
+        br#"{"request_id":"00000000-0000-0000-0000-000000000001","target":"a.b"}"#,
+    )
+    .await);
+    assert_eq!(e.kind, ErrorKind::BadRequest);
+    assert!(e.message.contains("'a.b'"), "{e}");
+    let e = err(request_raw(&client, "h", "launch", b"{}").await);
+    assert_eq!(e.kind, ErrorKind::UnknownVerb);
+    let sig = |s: &str| -> Request {
+        SignalRequest {
+            request_id: Uuid::new_v4(),
+            target: Target::All,
+            signal: s.into(),
+        }
+        .into()
+    };
+    assert_eq!(
+        err(request(&client, "h", sig("SIGFOO")).await).kind,
+        ErrorKind::UnknownSignal
+    );
+    let e = err(request(
+        &client,
+        "h",
+        SendRequest {
+            request_id: Uuid::new_v4(),
+            target: Target::All,
+            message: serde_json::json!({"cmd": "NODE_HANDLE_ACK"}),
+        }
+        .into(),
+    )
+    .await);
+    assert_eq!(e.kind, ErrorKind::InvalidValue);
+
+    // nothing was disturbed
+    let list = request(&client, "h", targeted("list", "all")).await;
+    assert_eq!(list.processes.len(), 1);
+    assert_eq!(list.processes[0].meta.status, Status::Online);
+    assert_eq!(list.processes[0].meta.restart_time, 0);
+    // a signal that is fine
+    let r = request(&client, "h", sig("SIGUSR2")).await;
+    assert_eq!(r.changes[0].what, "sent SIGUSR2");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeating_a_request_id_is_harmless() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let req: Request = StartRequest {
+        request_id: Uuid::new_v4(),
+        app: spec("api", "chatty.js"),
+        force: false,
+    }
+    .into();
+    let a = request(&client, "h", req.clone()).await;
+    let b = request(&client, "h", req.clone()).await;
+    assert!(a.error.is_none());
+    assert_eq!(a, b, "the same reply, word for word");
+    let stop = targeted("stop", "api");
+    let (x, y) = tokio::join!(
+        request(&client, "h", stop.clone()),
+        request(&client, "h", stop.clone())
+    );
+    assert_eq!(x, y);
+    let list = request(&client, "h", targeted("list", "all")).await;
+    assert_eq!(list.processes.len(), 1, "one app, not two");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_waits_for_nats_and_connects_when_it_appears() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let agent = TestAgent::spawn(&url, "late", |_| {});
+    // The agent is retrying now; bring the server up on that port.
+    let nats = NatsServer::start_with(Some(port), &[]);
+    let client = nats.client().await;
+    let mut online = Watch::new(&client, "pm._fleet.late.host:event").await;
+    let _ = online.next_raw().await;
+    let list = request(&client, "late", targeted("list", "all")).await;
+    assert!(list.error.is_none());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_host_figures() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut hb = Watch::new(&client, "pm._fleet.hb.host:heartbeat").await;
+    let agent = TestAgent::start_with(&nats, "hb", |s| {
+        s.labels.insert("zone".into(), "a".into());
+    })
+    .await;
+    request(&client, "hb", start(spec("api", "chatty.js"))).await;
+    let beat = loop {
+        let m = hb.next_raw().await;
+        let v: flotilla::protocol::fleet::Heartbeat = serde_json::from_slice(&m.payload).unwrap();
+        if v.online == 1 {
+            break v;
+        }
+    };
+    assert_eq!(beat.host, "hb");
+    assert_eq!(beat.labels.get("zone").map(String::as_str), Some("a"));
+    assert_eq!(beat.processes, 1);
+    assert!(beat.memory > 0 && beat.mem_total > 0 && beat.cpus > 0);
+    assert!(beat.workers_memory > 0);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_workers_gracefully_and_says_goodbye() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.>").await;
+    let agent = TestAgent::start(&nats, "bye").await;
+    let mut s = spec("api", "chatty.js");
+    s.instances = Some(2);
+    let r = request(&client, "bye", start(s)).await;
+    let pids: Vec<i32> = r.processes.iter().map(|p| p.meta.pid as i32).collect();
+    // Both have installed their SIGINT handlers once they have logged.
+    let mut hellos = 0;
+    w.until("both hello lines", |s| {
+        hellos += s.subject.ends_with("log:out") as u32;
+        hellos == 2
+    })
+    .await;
+    agent.stop().await.unwrap();
+    let mut exits = 0;
+    let mut offline = false;
+    w.until("exit events and offline", |s| {
+        if event_name(s) == Some("exit") {
+            let e = s.env.event.as_ref().unwrap();
+            assert_eq!(e.exit_code, Some(0), "SIGINT handler ran: {e:?}");
+            exits += 1;
+        }
+        exits == 2
+    })
+    .await;
+    let m = loop {
+        let m = w.next_raw().await;
+        if m.subject.as_str() == "pm._fleet.bye.host:event" {
+            break m;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    offline |= v["event"] == "offline";
+    assert!(offline);
+    for pid in pids {
+        assert!(!pid_alive(pid), "worker {pid} still alive after shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_drops_are_counted_and_reported_and_workers_keep_running() {
+    let mut nats = NatsServer::start();
+    let client = nats.client().await;
+    let agent = TestAgent::start_with(&nats, "out", |s| s.relay.buffer = 256).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("done");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut s = spec("blast", "blaster.js");
+    s.env.insert("DONE_FIFO".into(), fifo.display().to_string());
+    s.env.insert("COUNT".into(), "50000".into());
+    let mut logs = Watch::new(&client, "pm.default.blast.log:out").await;
+    let r = request(&client, "out", start(s)).await;
+    let pid = r.processes[0].meta.pid as i32;
+    // Its SIGUSR2 handler is installed once it says so.
+    logs.until("blaster ready", |s| {
+        s.env.data == Some(serde_json::json!("blaster ready"))
+    })
+    .await;
+    drop(client);
+
+    nats.kill();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    // The worker says when it has sent everything (a FIFO read: an event, not a timer).
+    let mut rx = tokio::net::unix::pipe::OpenOptions::new()
+        .open_receiver(&fifo)
+        .unwrap();
+    let mut done = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::io::AsyncReadExt::read_to_string(&mut rx, &mut done),
+    )
+    .await
+    .expect("the worker did not finish its burst")
+    .unwrap();
+    assert_eq!(done, "done\n");
+
+    nats.restart();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.blast.process:event").await;
+    let dropped = w
+        .until("dropped event", |s| event_name(s) == Some("dropped"))
+        .await;
+    let e = dropped.env.event.unwrap();
+    assert!(e.count.unwrap() > 0);
+    assert!(e.since.unwrap() <= e.until.unwrap());
+    let list = request(&client, "out", targeted("list", "blast")).await;
+    let p = &list.processes[0];
+    assert_eq!(p.meta.status, Status::Online);
+    assert_eq!(p.meta.pid as i32, pid, "the same worker kept running");
+    assert!(p.dropped > 0);
+    assert!(list.agent.unwrap().dropped >= p.dropped);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_restart_by_target() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.*.*.process:event").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("api", "chatty.js");
+    s.namespace = "shop".into();
+    s.instances = Some(2);
+    request(&client, "h", start(s)).await;
+    w.event(1, "online").await;
+    let r = request(&client, "h", targeted("restart", "shop/api")).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(
+        r.processes
+            .iter()
+            .all(|p| p.meta.status == Status::Online && p.meta.restart_time == 1)
+    );
+    w.event(0, "restart").await;
+    let r = request(&client, "h", targeted("delete", "0")).await;
+    assert_eq!(r.changes[0].what, "deleted");
+    w.event(0, "delete").await;
+    let list = request(&client, "h", targeted("list", "all")).await;
+    assert_eq!(list.processes.len(), 1);
+    assert_eq!(list.processes[0].meta.pm_id, 1);
+    agent.stop().await.unwrap();
+}

@@ -1,0 +1,379 @@
+//! Test fixtures: a real `nats-server -js` per test, an in-process agent, and helpers that
+//! await messages under a deadline (never sleep-and-hope).
+#![allow(dead_code)]
+
+use async_nats::{Client, Subscriber};
+use flotilla::config::Settings;
+use flotilla::protocol::control::{Reply, Request, StartRequest, TargetRequest};
+use flotilla::protocol::{AppSpec, Envelope, Target};
+use futures::StreamExt;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Default deadline for awaited events.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A `nats-server` with JetStream on a free loopback port and its own store; killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl NatsServer {
+    /// Starts on a free port.
+    pub fn start() -> Self {
+        Self::start_with(None, &[])
+    }
+
+    /// Starts on `port` (or a free one) with extra arguments.
+    pub fn start_with(port: Option<u16>, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = NatsServer {
+            child: None,
+            port: port.unwrap_or(0),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let port_arg = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(self.dir.path().join("js"))
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect(
+                "nats-server not found: install it (apt-get install nats-server) or run .ci/run",
+            );
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("Listening for client connections on ").nth(1)
+                    && let Some(tx) = tx.take()
+                {
+                    let port = rest
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(10))
+            .ok()
+            .flatten()
+            .expect("nats-server did not report its port within 10 s");
+        self.port = port;
+        self.child = Some(child);
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (a real outage).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A client.
+    pub async fn client(&self) -> Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// An agent running in-process (the same `run` as the binary), stopped on `stop()`.
+pub struct TestAgent {
+    pub host: String,
+    pub home: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), flotilla::agent::AgentError>>>,
+}
+
+/// Settings for a test agent.
+pub fn settings(url: &str, host: &str, home: &Path) -> Settings {
+    let mut s = Settings::default();
+    s.nats.url = Some(url.into());
+    s.host_id = host.into();
+    s.home = home.to_path_buf();
+    s.heartbeat_interval = Duration::from_millis(200);
+    s
+}
+
+impl TestAgent {
+    /// Starts an agent and waits for its `online` host event.
+    pub async fn start(nats: &NatsServer, host: &str) -> TestAgent {
+        Self::start_with(nats, host, |_| {}).await
+    }
+
+    /// Same, with settings adjusted by `f`.
+    pub async fn start_with(
+        nats: &NatsServer,
+        host: &str,
+        f: impl FnOnce(&mut Settings),
+    ) -> TestAgent {
+        let client = nats.client().await;
+        let mut online = client
+            .subscribe(format!("pm._fleet.{host}.host:event"))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let agent = Self::spawn(&nats.url(), host, f);
+        let msg = tokio::time::timeout(WAIT, online.next())
+            .await
+            .expect("agent did not come online in time")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(v["event"], "online");
+        agent
+    }
+
+    /// Spawns without waiting (for tests where NATS is not up yet).
+    pub fn spawn(url: &str, host: &str, f: impl FnOnce(&mut Settings)) -> TestAgent {
+        let home = tempfile::tempdir().unwrap();
+        let mut s = settings(url, host, home.path());
+        f(&mut s);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(flotilla::agent::run(s, async move {
+            let _ = rx.await;
+        }));
+        TestAgent {
+            host: host.into(),
+            home,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Log directory.
+    pub fn log_dir(&self) -> PathBuf {
+        self.home.path().join("logs")
+    }
+
+    /// Asks the agent to shut down and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), flotilla::agent::AgentError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("agent did not stop in 30 s")
+            .expect("agent task panicked")
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Sends a request to an agent and decodes the reply.
+pub async fn request(client: &Client, host: &str, req: Request) -> Reply {
+    let subject = format!("pmctl.agent.{host}.{}", req.verb());
+    let msg = tokio::time::timeout(WAIT, client.request(subject, req.to_body().into()))
+        .await
+        .expect("no reply in time")
+        .expect("request failed");
+    serde_json::from_slice(&msg.payload).expect("reply decodes")
+}
+
+/// Sends raw bytes to a verb.
+pub async fn request_raw(client: &Client, host: &str, verb: &str, body: &[u8]) -> Reply {
+    let msg = tokio::time::timeout(
+        WAIT,
+        client.request(format!("pmctl.agent.{host}.{verb}"), body.to_vec().into()),
+    )
+    .await
+    .expect("no reply in time")
+    .expect("request failed");
+    serde_json::from_slice(&msg.payload).expect("reply decodes")
+}
+
+/// A start request for `spec`.
+pub fn start(spec: AppSpec) -> Request {
+    StartRequest {
+        request_id: Uuid::new_v4(),
+        app: spec,
+        force: false,
+    }
+    .into()
+}
+
+/// A targeted request (`stop`, `restart`, `delete`, `list`).
+pub fn targeted(verb: &str, target: &str) -> Request {
+    let r = TargetRequest {
+        request_id: Uuid::new_v4(),
+        target: Target::parse(target).unwrap(),
+    };
+    match verb {
+        "stop" => Request::Stop(r),
+        "restart" => Request::Restart(r),
+        "delete" => Request::Delete(r),
+        "list" => Request::List(r),
+        other => panic!("not a targeted verb: {other}"),
+    }
+}
+
+/// A fixture script's absolute path.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// An envelope with its subject and headers.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub subject: String,
+    pub env: Envelope,
+    pub msg_id: Option<String>,
+}
+
+/// A subscription that decodes envelopes.
+pub struct Watch {
+    sub: Subscriber,
+}
+
+impl Watch {
+    /// Subscribes to `filter` and makes sure the server has the subscription.
+    pub async fn new(client: &Client, filter: &str) -> Watch {
+        let sub = client.subscribe(filter.to_string()).await.unwrap();
+        client.flush().await.unwrap();
+        Watch { sub }
+    }
+
+    /// Next message, raw.
+    pub async fn next_raw(&mut self) -> async_nats::Message {
+        tokio::time::timeout(WAIT, self.sub.next())
+            .await
+            .expect("no message in time")
+            .expect("subscription ended")
+    }
+
+    /// Waits for the first envelope matching `pred`, skipping the rest.
+    pub async fn until(&mut self, what: &str, mut pred: impl FnMut(&Seen) -> bool) -> Seen {
+        self.until_within(WAIT, what, &mut pred).await
+    }
+
+    /// Same with a deadline.
+    pub async fn until_within(
+        &mut self,
+        within: Duration,
+        what: &str,
+        pred: &mut impl FnMut(&Seen) -> bool,
+    ) -> Seen {
+        let fut = async {
+            while let Some(m) = self.sub.next().await {
+                let Ok(env) = serde_json::from_slice::<Envelope>(&m.payload) else {
+                    continue;
+                };
+                let seen = Seen {
+                    subject: m.subject.to_string(),
+                    env,
+                    msg_id: m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Id"))
+                        .map(|v| v.to_string()),
+                };
+                if pred(&seen) {
+                    return seen;
+                }
+            }
+            panic!("subscription ended while waiting for {what}");
+        };
+        tokio::time::timeout(within, fut)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    }
+
+    /// Waits for a `process:event` named `event` for `pm_id`.
+    pub async fn event(&mut self, pm_id: u32, event: &str) -> Seen {
+        self.until(&format!("event '{event}' of pm_id {pm_id}"), |s| {
+            s.env.process.pm_id == pm_id && s.env.event.as_ref().is_some_and(|e| e.event == event)
+        })
+        .await
+    }
+}
+
+/// The event name of a seen envelope, if any.
+pub fn event_name(s: &Seen) -> Option<&str> {
+    s.env.event.as_ref().map(|e| e.event.as_str())
+}
+
+/// Waits for a process (not our child) to exit, with pidfd (an event, not polling).
+pub async fn await_pid_exit(pid: i32, within: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return true; // already gone
+    }
+    // SAFETY: the syscall just returned this descriptor to us.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: owned is moved into the AsyncFd and stays open for its lifetime.
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    }
+    .expect("register pidfd");
+    tokio::time::timeout(within, afd.readable()).await.is_ok()
+}
+
+/// True while a pid exists (zombies included).
+pub fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
