@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // Roles log their work; client verbs only speak up about trouble.
+    let quiet = !matches!(cli.command, Command::Agent(_));
+    init_tracing(if quiet { "warn" } else { "info" });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -26,9 +28,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -64,6 +66,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let settings = cli.settings(extra)?;
             flotilla::agent::run(settings, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Ctl(c) => {
+            let settings = cli.settings(vec![])?;
+            let reply = flotilla::cli::ctl::run(&settings, c).await?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            if let Some(e) = reply.error {
+                anyhow::bail!("{e}");
+            }
             Ok(())
         }
         Command::Events(e) => {

@@ -30,6 +30,23 @@ pub enum Command {
     Agent(AgentArgs),
     /// Print every event on the bus (pm.> by default), one JSON envelope per line.
     Events(EventsArgs),
+    /// Send one raw control request to an agent (pmctl.agent.<host>.<verb>) and print the reply.
+    Ctl(CtlArgs),
+}
+
+/// `flotilla ctl`
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The agent's host id.
+    pub host: String,
+    /// start, stop, restart, delete, send, signal or list.
+    pub verb: String,
+    /// The request body as JSON (a request_id is added when absent), e.g. '{"target":"api"}'.
+    #[arg(default_value = "{}")]
+    pub body: String,
+    /// How long to wait for the reply.
+    #[arg(long, default_value = "10s", value_parser = crate::protocol::duration::parse)]
+    pub timeout: std::time::Duration,
 }
 
 /// `flotilla agent`
@@ -69,4 +86,5 @@ impl Cli {
         Settings::load(&Sources::from_process(self.config.clone(), flags))
     }
 }
+pub mod ctl;
 pub mod events;
