@@ -681,3 +681,64 @@ async fn delete_and_restart_by_target() {
     assert_eq!(list.processes[0].meta.pm_id, 1);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_memory_restart_restarts_a_worker_over_its_limit() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.hog.process:event").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("hog", "hog.js");
+    s.max_memory_restart = Some(40 << 20);
+    s.env.insert("HOG_MB".into(), "80".into());
+    request(&client, "h", start(s)).await;
+    let r = w.event(0, "restart").await;
+    let e = r.env.event.unwrap();
+    assert_eq!(e.manually, Some(false));
+    assert!(e.reason.unwrap().contains("max_memory_restart 40 MiB"));
+    let online = w.event(0, "online").await;
+    assert_eq!(online.env.process.restart_time, 1);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_worker_loses_nothing_uncounted_and_the_agent_stays_responsive() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut flood = Watch::new(&client, "pm.default.flood.flood").await;
+    let mut logs = Watch::new(&client, "pm.default.flood.log:out").await;
+    // A tiny queue, so the flood overruns it even with NATS up.
+    let agent = TestAgent::start_with(&nats, "h", |s| s.relay.buffer = 64).await;
+    let mut s = spec("flood", "flood.py");
+    s.env.insert("COUNT".into(), "20000".into());
+    request(&client, "h", start(s)).await;
+    logs.until("sent line", |s| {
+        s.env.data == Some(serde_json::json!("sent 20000"))
+    })
+    .await;
+    // The agent answers while (or right after) it relays the flood.
+    let list = request(&client, "h", targeted("list", "flood")).await;
+    assert_eq!(list.processes[0].meta.status, Status::Online);
+    // Every message is either delivered or counted: wait until the two add up.
+    let mut received = 0u64;
+    let mut last_i = -1i64;
+    loop {
+        let list = request(&client, "h", targeted("list", "flood")).await;
+        let dropped = list.processes[0].dropped;
+        let stats = list.agent.unwrap();
+        if stats.queued == 0 && received + dropped == 20000 {
+            break;
+        }
+        // take what has arrived meanwhile (the next one awaited with a deadline)
+        let first = flood.next_raw().await;
+        for m in std::iter::once(first).chain(flood.ready_now()) {
+            let env: flotilla::protocol::Envelope = serde_json::from_slice(&m.payload).unwrap();
+            let i = env.data.unwrap()["i"].as_i64().unwrap();
+            assert!(i > last_i, "order per worker is kept ({i} after {last_i})");
+            last_i = i;
+            received += 1;
+        }
+    }
+    assert!(received > 0);
+    agent.stop().await.unwrap();
+}

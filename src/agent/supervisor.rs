@@ -211,6 +211,7 @@ impl Supervisor {
                 Msg::KillTimeout { pm_id, run_gen } => self.on_kill_timeout(pm_id, run_gen),
                 Msg::Summary(reply) => {
                     let _ = reply.send(self.summary());
+                    self.enforce_memory_limits();
                 }
                 Msg::Shutdown(done) => {
                     self.shutdown = Some(done);
@@ -340,6 +341,33 @@ impl Supervisor {
         }
         self.agent_meter.update(0);
         s
+    }
+
+    /// pm2's `max_memory_restart`: checked at every heartbeat sample; a worker over its limit is
+    /// restarted gracefully (pm2 reloads it; the counters reset as in pm2).
+    fn enforce_memory_limits(&mut self) {
+        let over: Vec<(u32, u64, u64)> = self
+            .procs
+            .values()
+            .filter_map(|p| {
+                let limit = p.spec.max_memory_restart?;
+                (p.run.is_some() && p.meta.status == Status::Online && p.meter.memory > limit)
+                    .then_some((p.meta.pm_id, p.meter.memory, limit))
+            })
+            .collect();
+        for (pm_id, memory, limit) in over {
+            let reason = format!(
+                "memory {} MiB is over max_memory_restart {} MiB: restarting",
+                memory >> 20,
+                limit >> 20
+            );
+            tracing::warn!(pm_id, "{reason}");
+            self.emit(
+                pm_id,
+                EventFields::named("restart").manually(false).reason(reason),
+            );
+            self.stop_one(pm_id, AfterStop::Restart, None);
+        }
     }
 
     fn start(

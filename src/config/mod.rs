@@ -521,6 +521,18 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_default_file_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flotilla.toml");
+        let s = Settings::load(&Sources {
+            file: Some(path),
+            env: vec![],
+            flags: vec![],
+        })
+        .unwrap();
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
     fn secrets_are_hidden_from_debug() {
         let s = load(None, &[("FLOTILLA_NATS__PASSWORD", "hunter2")], &[]).unwrap();
         assert_eq!(s.nats.password.as_deref(), Some("hunter2"));

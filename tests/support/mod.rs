@@ -305,6 +305,16 @@ impl Watch {
             .expect("subscription ended")
     }
 
+    /// Messages already delivered to the subscription, without waiting.
+    pub fn ready_now(&mut self) -> Vec<async_nats::Message> {
+        use futures::FutureExt;
+        let mut out = vec![];
+        while let Some(Some(m)) = self.sub.next().now_or_never() {
+            out.push(m);
+        }
+        out
+    }
+
     /// Waits for the first envelope matching `pred`, skipping the rest.
     pub async fn until(&mut self, what: &str, mut pred: impl FnMut(&Seen) -> bool) -> Seen {
         self.until_within(WAIT, what, &mut pred).await
