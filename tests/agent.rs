@@ -742,3 +742,23 @@ async fn a_flooding_worker_loses_nothing_uncounted_and_the_agent_stays_responsiv
     assert!(received > 0);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_settings_reach_nats_and_a_refusal_is_final_and_clear() {
+    let nats = NatsServer::start_with(None, &["--auth", "s3cret"]);
+    let url = nats.url();
+    let client = async_nats::ConnectOptions::with_token("s3cret".into())
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let mut online = Watch::new(&client, "pm._fleet.tok.host:event").await;
+    let agent = TestAgent::spawn(&url, "tok", |s| s.nats.token = Some("s3cret".into()));
+    online.next_raw().await;
+    let list = request(&client, "tok", targeted("list", "all")).await;
+    assert!(list.error.is_none());
+    agent.stop().await.unwrap();
+
+    let wrong = TestAgent::spawn(&url, "bad", |s| s.nats.token = Some("wrong".into()));
+    let err = wrong.join().await.unwrap_err().to_string();
+    assert!(err.contains(&url) && err.contains("refused"), "{err}");
+}

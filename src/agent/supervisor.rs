@@ -547,10 +547,17 @@ impl Supervisor {
     fn spawn_proc(&mut self, pm_id: u32, wtx: &mpsc::Sender<WorkerEvent>) {
         let tracker = self.cfg.tracker.clone();
         let self_tx = self.tx.clone();
+        let shutting_down = self.shutdown.is_some();
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
         p.run_gen += 1;
+        if shutting_down {
+            // A restart that was under way when the agent began to stop: leave it stopped.
+            p.meta.status = Status::Stopped;
+            p.relay.set_meta(&p.meta);
+            return;
+        }
         let env = spawn::environment(
             &p.spec,
             &p.launch,

@@ -201,6 +201,15 @@ impl TestAgent {
         self.home.path().join("logs")
     }
 
+    /// Waits for `run` to return by itself (e.g. on a fatal error), without asking it to stop.
+    pub async fn join(mut self) -> Result<(), flotilla::agent::AgentError> {
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("agent did not end by itself in time")
+            .expect("agent task panicked")
+    }
+
     /// Asks the agent to shut down and waits for `run` to return.
     pub async fn stop(mut self) -> Result<(), flotilla::agent::AgentError> {
         if let Some(tx) = self.stop.take() {
