@@ -762,3 +762,31 @@ async fn auth_settings_reach_nats_and_a_refusal_is_final_and_clear() {
     let err = wrong.join().await.unwrap_err().to_string();
     assert!(err.contains(&url) && err.contains("refused"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_a_descendant_escaped_and_holds_stdout() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.esc.log:out").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    request(&client, "h", start(spec("esc", "escapee.sh"))).await;
+    let line = w
+        .until("escapee pid", |s| {
+            s.env
+                .data
+                .as_ref()
+                .and_then(|d| d.as_str())
+                .is_some_and(|l| l.starts_with("escapee "))
+        })
+        .await;
+    let pid: i32 = line.env.data.unwrap().as_str().unwrap()[8..]
+        .trim()
+        .parse()
+        .unwrap();
+    let stopped = agent.stop().await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    stopped.unwrap();
+}

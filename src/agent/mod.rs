@@ -90,6 +90,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         hub: hub.clone(),
         log_dir: settings.log_dir(),
         tracker: tasks.clone(),
+        cancel: cancel.clone(),
     });
 
     let ctl_cancel = cancel.child_token();
@@ -118,10 +119,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     tracing::info!("shutting down: no new commands; stopping workers");
     ctl_cancel.cancel();
     stop_workers(&sup).await;
+    tracing::debug!("workers stopped; ending the agent's tasks");
     cancel.cancel();
     drop(sup);
     tasks.close();
     tasks.wait().await;
+    tracing::debug!("tasks ended; draining the relay queue");
     hub.report_drops();
     hub.flush_errors();
     host_event(&relay, &subjects, &host, &settings, "offline");

@@ -35,6 +35,8 @@ pub struct SupervisorConfig {
     pub log_dir: PathBuf,
     /// Tracks every task the supervisor starts.
     pub tracker: TaskTracker,
+    /// Fired when the agent has stopped its workers.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// Figures for the heartbeat.
@@ -548,6 +550,7 @@ impl Supervisor {
         let tracker = self.cfg.tracker.clone();
         let self_tx = self.tx.clone();
         let shutting_down = self.shutdown.is_some();
+        let cancel = self.cfg.cancel.clone();
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
@@ -581,6 +584,7 @@ impl Supervisor {
                     events: wtx.clone(),
                     out_log: p.out_log.clone(),
                     err_log: p.err_log.clone(),
+                    cancel: cancel.clone(),
                 },
             )?;
             Ok((pid, writer))

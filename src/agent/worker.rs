@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Longest log line relayed as one message; longer lines are split.
@@ -50,6 +51,9 @@ pub struct RunContext {
     pub out_log: PathBuf,
     /// stderr log file.
     pub err_log: PathBuf,
+    /// Fired at the end of the agent's shutdown: pumps kept open by a descendant that outlived
+    /// its worker (e.g. `treekill: false`) stop reading then.
+    pub cancel: CancellationToken,
 }
 
 /// Starts the tasks of a freshly spawned worker; returns the sender that writes to its channel.
@@ -61,26 +65,29 @@ pub fn start(
     let ch = ipc::channel(sp.ipc)?;
     let (wtx, wrx) = mpsc::channel::<OutFrame>(256);
     tracker.spawn(ipc::write_loop(ch.clone(), wrx));
-    tracker.spawn(ipc_pump(
+    let c = ctx.cancel.clone();
+    tracker.spawn(c.run_until_cancelled_owned(ipc_pump(
         ch,
         ctx.relay.clone(),
         wtx.clone(),
         ctx.events.clone(),
         ctx.pm_id,
         ctx.run_gen,
-    ));
-    tracker.spawn(log_pump(
+    )));
+    let c = ctx.cancel.clone();
+    tracker.spawn(c.run_until_cancelled_owned(log_pump(
         sp.stdout,
         ctx.out_log,
         ctx.relay.clone(),
         kind::LOG_OUT,
-    ));
-    tracker.spawn(log_pump(
+    )));
+    let c = ctx.cancel.clone();
+    tracker.spawn(c.run_until_cancelled_owned(log_pump(
         sp.stderr,
         ctx.err_log,
         ctx.relay.clone(),
         kind::LOG_ERR,
-    ));
+    )));
     let mut child = sp.child;
     let (events, pm_id, run_gen) = (ctx.events, ctx.pm_id, ctx.run_gen);
     tracker.spawn(async move {
