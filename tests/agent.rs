@@ -790,3 +790,22 @@ async fn shutdown_is_bounded_when_a_descendant_escaped_and_holds_stdout() {
     );
     stopped.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_sent_by_a_node_worker_is_acknowledged_and_its_message_relayed() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.hdl.>").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    request(&client, "h", start(spec("hdl", "handle.js"))).await;
+    let (mut with, mut after) = (false, false);
+    w.until("both messages", |s| {
+        with |= s.subject == "pm.default.hdl.with:handle";
+        after |= s.subject == "pm.default.hdl.after:handle";
+        with && after
+    })
+    .await;
+    let list = request(&client, "h", targeted("list", "hdl")).await;
+    assert_eq!(list.processes[0].ipc_errors, 0);
+    agent.stop().await.unwrap();
+}

@@ -176,6 +176,15 @@ fn emit_line(relay: &WorkerRelay, t: &'static str, line: &[u8]) {
     relay.log_line(t, &String::from_utf8_lossy(line));
 }
 
+/// The user message inside a `NODE_HANDLE` line (`{"cmd":"NODE_HANDLE","type":…,"msg":…}`).
+fn handle_message(raw: &serde_json::value::RawValue) -> Option<Box<serde_json::value::RawValue>> {
+    #[derive(serde::Deserialize)]
+    struct Handle {
+        msg: Option<Box<serde_json::value::RawValue>>,
+    }
+    serde_json::from_str::<Handle>(raw.get()).ok()?.msg
+}
+
 fn snippet(line: &[u8]) -> String {
     let s = String::from_utf8_lossy(&line[..line.len().min(60)]);
     let s: String = s
@@ -203,12 +212,21 @@ async fn ipc_pump(
         let res = reader
             .read(&ch, |frame, fds| match frame {
                 Frame::Line(line) => match classify(line) {
-                    Ok(Classified::NodeInternal { cmd, .. }) => {
+                    Ok(Classified::NodeInternal { cmd, raw }) => {
                         if cmd == "NODE_HANDLE" {
-                            // A handle rode with this message: we do not use it; close it and
-                            // acknowledge, or Node holds back the worker's next sends.
+                            // `process.send(msg, handle)`: the handle rode with this line. We
+                            // do not use it: close it, acknowledge (else Node holds back the
+                            // worker's next sends), and relay the user's `msg` as any message.
                             drop(fds.pop_front());
                             let _ = writer.try_send(OutFrame::line(&b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"[..]));
+                            if let Some(inner) = handle_message(raw) {
+                                // Node's own cluster traffic inside a handle is not the user's.
+                                if let Ok(c @ (Classified::Typed { .. } | Classified::Raw { .. })) =
+                                    classify(inner.get().as_bytes())
+                                {
+                                    relay.message(&c);
+                                }
+                            }
                         }
                     }
                     Ok(c) => {
