@@ -45,7 +45,8 @@ const NATIVE_N: u64 = 50_000;
 const SCALE_WORKERS: [usize; 4] = [1, 4, 16, 64];
 const SCALE_TOTAL: u64 = 200_000;
 /// Paced latency: workers, messages per second each, seconds.
-const PACED_WORKERS: usize = 4;
+/// (BENCH_PACED_WORKERS, BENCH_PACED_RATE and BENCH_PACED_SECS override them, to investigate.)
+const PACED_WORKERS: u64 = 4;
 const PACED_RATE: u64 = 1_000;
 const PACED_SECS: u64 = 5;
 /// Padding so that one channel line is 400 bytes with its newline.
@@ -237,9 +238,10 @@ watchdog(finish);
 "#;
 
 fn main() {
-    if std::env::var_os("BENCH_NATIVE_SOURCE").is_some() {
-        native_source();
-        return;
+    match std::env::var("BENCH_NATIVE_SOURCE").as_deref() {
+        Ok("nats") => return native_nats_source(),
+        Ok(_) => return native_source(),
+        Err(_) => {}
     }
     // `cargo bench` passes --bench; `cargo test --benches` does not: do nothing then.
     if !std::env::args().any(|a| a == "--bench") {
@@ -252,7 +254,29 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let started = Instant::now();
-    match rt.block_on(tokio::time::timeout(TOTAL_DEADLINE, run())) {
+    // Ctrl-C or SIGTERM drops the run, whose children are killed on drop.
+    let interrupted = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut i), Ok(mut t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = tokio::time::timeout(TOTAL_DEADLINE, run()) => r,
+            _ = interrupted => Ok(Err("interrupted".into())),
+        }
+    });
+    match outcome {
         Ok(Ok(())) => eprintln!(
             "relay bench finished in {:.0} s",
             started.elapsed().as_secs_f64()
@@ -315,6 +339,50 @@ fn native_source() {
     }
 }
 
+/// The same paced source as a separate process publishing straight to NATS (no agent): says
+/// `ready` on stdout once connected, starts on a line on stdin, publishes the envelope the
+/// agent would have made (BENCH_META is its `process`), then `bench:done`.
+fn native_nats_source() {
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let (url, app, meta) = (var("BENCH_NATS_URL"), var("BENCH_APP"), var("BENCH_META"));
+    let n: u64 = var("BENCH_N").parse().unwrap_or(0);
+    let rate: u64 = var("BENCH_RATE").parse().unwrap_or(1000);
+    let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let Ok(client) = rt.block_on(connect(&url, None)) else {
+        return;
+    };
+    println!("ready");
+    let mut go = String::new();
+    if std::io::stdin().read_line(&mut go).is_err() {
+        return;
+    }
+    let t = RawTemplate::from_meta(&meta);
+    let subject = format!("pm.default.{app}.process:msg");
+    let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let start = Instant::now();
+    for i in 1..=n {
+        pace(start + period * (i as u32 - 1));
+        let (headers, payload) = t.message(i);
+        if rt
+            .block_on(client.publish_with_headers(subject.clone(), headers, payload))
+            .is_err()
+        {
+            return;
+        }
+    }
+    let done = format!("pm.default.{app}.bench:done");
+    let _ = rt.block_on(async {
+        client.publish(done, Bytes::from_static(b"{}")).await?;
+        client.flush().await.map_err(BoxError::from)
+    });
+}
+
 fn write_line(out: &mut impl Write, i: u64, pad: &str) -> std::io::Result<()> {
     writeln!(
         out,
@@ -332,15 +400,17 @@ fn flat_out(ch: &std::os::unix::net::UnixStream, n: u64, pad: &str) -> std::io::
 }
 
 fn paced(ch: &std::os::unix::net::UnixStream, n: u64, rate: u64, pad: &str) -> std::io::Result<()> {
-    let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let period = 1e9 / rate.max(1) as f64;
+    let due = |i: u64| Duration::from_nanos((i as f64 * period) as u64);
     let start = Instant::now();
-    let mut buf = Vec::with_capacity(512);
-    let mut w = ch;
-    for i in 1..=n {
-        pace(start + period * (i as u32 - 1));
-        buf.clear();
-        write_line(&mut buf, i, pad)?;
-        w.write_all(&buf)?;
+    // Lines go out one write each while on schedule; when behind, the late ones go together.
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, ch);
+    for i in 0..n {
+        pace(start + due(i));
+        write_line(&mut out, i + 1, pad)?;
+        if i + 1 == n || start + due(i + 1) > Instant::now() {
+            out.flush()?;
+        }
     }
     Ok(())
 }
@@ -358,6 +428,15 @@ fn pace(at: Instant) {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
+
+/// Progress detail on stderr when BENCH_TRACE is set.
+fn trace(what: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        eprintln!("  [{:7.3} s] {what}", start.elapsed().as_secs_f64());
+    }
+}
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -420,12 +499,41 @@ fn field_t(payload: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// The envelope's `at` (epoch ms), its first field.
+fn field_at(payload: &[u8]) -> Option<u64> {
+    let rest = payload.strip_prefix(b"{\"at\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// Where the latency of the messages at or above `p` goes: mean µs from the worker to the
+/// agent's `at` stamp (whole ms, so +500 µs corrects the truncation on average) and from
+/// there to the subscriber.
+fn split_at(split: &[(i64, i64)], p: f64) -> Option<(f64, f64)> {
+    let mut lats: Vec<i64> = split.iter().map(|s| s.0).collect();
+    lats.sort_unstable();
+    let cut = percentile(&lats, p)? as i64;
+    let tail: Vec<&(i64, i64)> = split.iter().filter(|s| s.0 >= cut).collect();
+    let n = tail.len() as f64;
+    let to_agent = tail.iter().map(|s| s.1 as f64 + 500.0).sum::<f64>() / n;
+    let total = tail.iter().map(|s| s.0 as f64).sum::<f64>() / n;
+    Some((to_agent, total - to_agent))
+}
+
 fn percentile(sorted: &[i64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
     let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
     Some(sorted[i] as f64)
+}
+
+fn tail(sorted: &[i64]) -> Option<[f64; 3]> {
+    Some([
+        percentile(sorted, 0.90)?,
+        percentile(sorted, 0.999)?,
+        *sorted.last()? as f64,
+    ])
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -538,6 +646,12 @@ impl Agent {
                 cmd.env_remove(k);
             }
         }
+        // BENCH_AGENT_FLOTILLA_X=v gives the agent FLOTILLA_X=v (settings for variant runs).
+        for (k, v) in std::env::vars() {
+            if let Some(setting) = k.strip_prefix("BENCH_AGENT_") {
+                cmd.env(setting, v);
+            }
+        }
         let child = cmd
             .arg("agent")
             .env("FLOTILLA_NATS_URL", &nats.url)
@@ -642,6 +756,8 @@ struct Measured {
     secs: f64,
     p50_us: Option<f64>,
     p99_us: Option<f64>,
+    /// Tail detail: p90, p99.9, max (agent and raw cases).
+    tail_us: Option<[f64; 3]>,
     relay_cpu_s: Option<f64>,
     relay_peak_kib: Option<u64>,
     relay_after_kib: Option<u64>,
@@ -650,9 +766,46 @@ struct Measured {
     workers_cpu_s: Option<f64>,
     agent_drops: Option<u64>,
     slow_consumer: u64,
+    /// Latencies, sorted (agent and raw cases).
+    lat_us: Arc<Vec<i64>>,
+    /// Latency split at the agent's `at` stamp (agent cases).
+    split_us: Arc<Vec<(i64, i64)>>,
 }
 
 impl Measured {
+    /// Several rounds of one case as one: sums, and percentiles over every sample.
+    fn pool(rounds: &[Measured]) -> Measured {
+        let add = |f: fn(&Measured) -> Option<f64>| rounds.iter().map(f).sum::<Option<f64>>();
+        let mut lat: Vec<i64> = rounds
+            .iter()
+            .flat_map(|m| m.lat_us.iter().copied())
+            .collect();
+        lat.sort_unstable();
+        Measured {
+            received: rounds.iter().map(|m| m.received).sum(),
+            expected: rounds.iter().map(|m| m.expected).sum(),
+            secs: rounds.iter().map(|m| m.secs).sum(),
+            p50_us: percentile(&lat, 0.50),
+            p99_us: percentile(&lat, 0.99),
+            tail_us: tail(&lat),
+            relay_cpu_s: add(|m| m.relay_cpu_s),
+            relay_peak_kib: rounds.iter().filter_map(|m| m.relay_peak_kib).max(),
+            relay_after_kib: rounds.last().and_then(|m| m.relay_after_kib),
+            nats_cpu_s: add(|m| m.nats_cpu_s),
+            bench_cpu_s: add(|m| m.bench_cpu_s),
+            workers_cpu_s: add(|m| m.workers_cpu_s),
+            agent_drops: rounds.iter().map(|m| m.agent_drops).sum(),
+            slow_consumer: rounds.iter().map(|m| m.slow_consumer).sum(),
+            lat_us: Arc::new(lat),
+            split_us: Arc::new(
+                rounds
+                    .iter()
+                    .flat_map(|m| m.split_us.iter().copied())
+                    .collect(),
+            ),
+        }
+    }
+
     fn rate(&self) -> f64 {
         if self.secs > 0.0 {
             self.received as f64 / self.secs
@@ -671,6 +824,8 @@ struct Collected {
     received: u64,
     secs: f64,
     lat_us: Vec<i64>,
+    /// (latency, worker to the agent's `at` stamp) per message, in µs; `at` is whole ms.
+    split_us: Vec<(i64, i64)>,
     sample: Option<Bytes>,
 }
 
@@ -691,10 +846,11 @@ async fn collect(
     };
     let mut last = t0;
     let mut done = 0;
-    let deadline = Instant::now() + BURST_DEADLINE;
+    let deadline = t0 + BURST_DEADLINE;
     loop {
-        let wait = IDLE.min(deadline.saturating_duration_since(Instant::now()));
-        let m = match tokio::time::timeout(wait, sub.next()).await {
+        // Other subjects (heartbeats) do not count as activity.
+        let until = (last.max(t0) + IDLE).min(deadline);
+        let m = match tokio::time::timeout_at(until.into(), sub.next()).await {
             Ok(Some(m)) => m,
             Ok(None) | Err(_) => break,
         };
@@ -705,6 +861,10 @@ async fn collect(
             c.received += 1;
             if let Some(t) = field_t(&m.payload) {
                 c.lat_us.push(us - t as i64);
+                if let Some(at) = field_at(&m.payload) {
+                    c.split_us
+                        .push((us - t as i64, at as i64 * 1000 - t as i64));
+                }
             }
             if c.sample.is_none() {
                 c.sample = Some(m.payload.clone());
@@ -729,8 +889,6 @@ struct Bench {
     ctl: Client,
     subs: Client,
     slow: Arc<AtomicU64>,
-    /// Agent RSS (KiB) right after it came online, no workers.
-    rss_no_workers: u64,
     /// Agent RSS (KiB) with the 4 Node workers online and idle.
     rss_idle_workers: Option<u64>,
     /// One envelope the agent relayed for a native worker: the raw publisher's template.
@@ -751,8 +909,10 @@ impl Bench {
     async fn agent_case(&mut self, case: AgentCase<'_>, idle_rss: bool) -> Res<Measured> {
         let app = case.app;
         let native = case.spec_is_native();
+        trace(&format!("{app}: subscribing"));
         let mut sub = self.subs.subscribe("pm.>").await?;
         self.subs.flush().await?;
+        trace(&format!("{app}: starting"));
         let mut spec = case.spec;
         spec.instances = Some(case.workers as u32);
         spec.autorestart = false;
@@ -766,7 +926,9 @@ impl Bench {
             .into(),
         )
         .await?;
+        trace(&format!("{app}: awaiting ready"));
         let pids = await_ready(&mut sub, app, case.workers).await?;
+        trace(&format!("{app}: ready"));
         if idle_rss {
             self.rss_idle_workers = Some(mem_kib(self.agent.pid).0);
         }
@@ -788,7 +950,9 @@ impl Bench {
         let t0 = Instant::now();
         let ctl = self.ctl.clone();
         let sent = tokio::spawn(async move { request(&ctl, go.into()).await.map(|_| ()) });
+        trace(&format!("{app}: go sent, collecting"));
         let c = collect(&mut sub, app, expected, case.workers, t0).await;
+        trace(&format!("{app}: collected {}", c.received));
         let (agent1, nats1, self1, workers1) = (
             cpu_secs(self.agent.pid).unwrap_or(0.0),
             cpu_secs(self.nats.pid).unwrap_or(0.0),
@@ -801,13 +965,16 @@ impl Bench {
         if self.sample.is_none() && native {
             self.sample = c.sample.clone();
         }
+        trace(&format!("{app}: deleting"));
         request(&self.ctl, Request::Delete(targeted(app))).await?;
+        trace(&format!("{app}: deleted"));
         Ok(Measured {
             received: c.received,
             expected,
             secs: c.secs,
             p50_us: percentile(&c.lat_us, 0.50),
             p99_us: percentile(&c.lat_us, 0.99),
+            tail_us: tail(&c.lat_us),
             relay_cpu_s: Some(agent1 - agent0),
             relay_peak_kib: hwm_reset.then_some(hwm),
             relay_after_kib: Some(rss_after),
@@ -816,18 +983,22 @@ impl Bench {
             workers_cpu_s: Some(workers1 - workers0),
             agent_drops: Some(after.dropped - before.dropped),
             slow_consumer: self.slow.load(Ordering::Relaxed) - slow0,
+            lat_us: Arc::new(c.lat_us),
+            split_us: Arc::new(c.split_us),
         })
     }
 
     /// The same envelopes published straight from this process with async-nats (one client,
     /// as the agent has), flat out (`rate` 0) from one task, or paced from one thread per
-    /// simulated worker.
+    /// simulated worker; with `via_relay`, paced through the agent's own relay queue and
+    /// publisher task (`flotilla::bus::Relay`) instead of calling async-nats directly.
     async fn raw_case(
         &mut self,
         app: &str,
         workers: usize,
         per_worker: u64,
         rate: u64,
+        via_relay: bool,
     ) -> Res<Measured> {
         let template = RawTemplate::from_sample(self.sample.as_ref().ok_or("no sample envelope")?)?;
         let mut sub = self.subs.subscribe("pm.>").await?;
@@ -838,6 +1009,7 @@ impl Bench {
         let subject = format!("pm.default.{app}.process:msg");
         let done = format!("pm.default.{app}.bench:done");
         let expected = workers as u64 * per_worker;
+        let tracker = tokio_util::task::TaskTracker::new();
         let t0 = Instant::now();
         let mut threads = vec![];
         if rate == 0 {
@@ -862,21 +1034,54 @@ impl Bench {
             });
         } else {
             let handle = tokio::runtime::Handle::current();
-            let period = Duration::from_nanos(1_000_000_000 / rate);
+            let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
+            let relay = via_relay.then(|| {
+                flotilla::bus::Relay::start(publisher.clone(), 16_384, 32 << 20, &tracker)
+            });
             for _ in 0..workers {
                 let (p, t, h) = (publisher.clone(), template.clone(), handle.clone());
                 let (subject, done) = (subject.clone(), done.clone());
+                let relay = relay.clone();
                 threads.push(std::thread::spawn(move || {
+                    use flotilla::bus::Outgoing;
                     for i in 1..=per_worker {
                         pace(t0 + period * (i as u32 - 1));
-                        let (headers, payload) = t.message(i);
-                        if h.block_on(p.publish_with_headers(subject.clone(), headers, payload))
-                            .is_err()
-                        {
+                        let sent = match &relay {
+                            Some(r) => {
+                                let (id, payload) = t.payload(i);
+                                let subject = subject.clone();
+                                r.try_relay(Outgoing {
+                                    subject,
+                                    id,
+                                    payload,
+                                })
+                                .is_ok()
+                            }
+                            None => {
+                                let (headers, payload) = t.message(i);
+                                let subject = subject.clone();
+                                h.block_on(p.publish_with_headers(subject, headers, payload))
+                                    .is_ok()
+                            }
+                        };
+                        if !sent {
                             return;
                         }
                     }
-                    let _ = h.block_on(p.publish(done, Bytes::from_static(b"{}")));
+                    let payload = Bytes::from_static(b"{}");
+                    match &relay {
+                        Some(r) => {
+                            let id = Uuid::new_v4();
+                            let _ = r.send_event(Outgoing {
+                                subject: done,
+                                id,
+                                payload,
+                            });
+                        }
+                        None => {
+                            let _ = h.block_on(p.publish(done, payload));
+                        }
+                    }
                 }));
             }
         }
@@ -885,15 +1090,102 @@ impl Bench {
         for t in threads {
             let _ = t.join();
         }
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
         Ok(Measured {
             received: c.received,
             expected,
             secs: c.secs,
             p50_us: percentile(&c.lat_us, 0.50),
             p99_us: percentile(&c.lat_us, 0.99),
+            tail_us: tail(&c.lat_us),
             nats_cpu_s: Some(nats1 - nats0),
             bench_cpu_s: Some(self1 - self0),
             slow_consumer: self.slow.load(Ordering::Relaxed) - slow0,
+            lat_us: Arc::new(c.lat_us),
+            ..Measured::default()
+        })
+    }
+
+    /// Paced raw publishing from `workers` separate processes (this binary), no agent.
+    async fn raw_procs_case(
+        &mut self,
+        app: &str,
+        workers: usize,
+        per_worker: u64,
+        rate: u64,
+    ) -> Res<Measured> {
+        #[derive(Deserialize)]
+        struct Parts<'a> {
+            #[serde(borrow)]
+            process: &'a RawValue,
+        }
+        let sample = self.sample.clone().ok_or("no sample envelope")?;
+        let meta = serde_json::from_slice::<Parts<'_>>(&sample)?
+            .process
+            .get()
+            .to_string();
+        let mut sub = self.subs.subscribe("pm.>").await?;
+        self.subs.flush().await?;
+        let mut kids = vec![];
+        for _ in 0..workers {
+            let mut child = Command::new(std::env::current_exe()?)
+                .env("BENCH_NATIVE_SOURCE", "nats")
+                .env("BENCH_NATS_URL", &self.nats.url)
+                .env("BENCH_APP", app)
+                .env("BENCH_META", &meta)
+                .env("BENCH_N", per_worker.to_string())
+                .env("BENCH_RATE", rate.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let mut lines = AsyncBufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+            await_line(&mut lines, WAIT, "a raw source's ready line", |l| {
+                l == "ready"
+            })
+            .await?;
+            kids.push(child);
+        }
+        let pids: Vec<u32> = kids.iter().filter_map(|k| k.id()).collect();
+        let slow0 = self.slow.load(Ordering::Relaxed);
+        let (nats0, self0, kids0) = (
+            cpu_secs(self.nats.pid).unwrap_or(0.0),
+            self_cpu(),
+            cpu_of(&pids),
+        );
+        let t0 = Instant::now();
+        for k in &mut kids {
+            if let Some(stdin) = k.stdin.as_mut() {
+                tokio::io::AsyncWriteExt::write_all(stdin, b"go\n").await?;
+            }
+        }
+        let c = collect(&mut sub, app, workers as u64 * per_worker, workers, t0).await;
+        let (nats1, self1, kids1) = (
+            cpu_secs(self.nats.pid).unwrap_or(0.0),
+            self_cpu(),
+            cpu_of(&pids),
+        );
+        for mut k in kids {
+            if tokio::time::timeout(Duration::from_secs(10), k.wait())
+                .await
+                .is_err()
+            {
+                let _ = k.start_kill();
+            }
+        }
+        Ok(Measured {
+            received: c.received,
+            expected: workers as u64 * per_worker,
+            secs: c.secs,
+            p50_us: percentile(&c.lat_us, 0.50),
+            p99_us: percentile(&c.lat_us, 0.99),
+            tail_us: tail(&c.lat_us),
+            nats_cpu_s: Some(nats1 - nats0),
+            bench_cpu_s: Some(self1 - self0),
+            workers_cpu_s: Some(kids1 - kids0),
+            slow_consumer: self.slow.load(Ordering::Relaxed) - slow0,
+            lat_us: Arc::new(c.lat_us),
             ..Measured::default()
         })
     }
@@ -966,13 +1258,24 @@ impl RawTemplate {
             process: &'a RawValue,
         }
         let p: Parts<'_> = serde_json::from_slice(sample)?;
-        Ok(RawTemplate {
-            meta: p.process.get().into(),
+        Ok(RawTemplate::from_meta(p.process.get()))
+    }
+
+    fn from_meta(meta: &str) -> RawTemplate {
+        RawTemplate {
+            meta: meta.into(),
             pad: "x".repeat(PAD).into(),
-        })
+        }
     }
 
     fn message(&self, i: u64) -> (HeaderMap, Bytes) {
+        let (id, payload) = self.payload(i);
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.to_string().as_str());
+        (headers, payload)
+    }
+
+    fn payload(&self, i: u64) -> (Uuid, Bytes) {
         let id = Uuid::new_v4();
         let t = now_us();
         let mut s = String::with_capacity(self.meta.len() + self.pad.len() + 160);
@@ -983,9 +1286,7 @@ impl RawTemplate {
             self.pad,
             self.meta
         );
-        let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.to_string().as_str());
-        (headers, Bytes::from(s))
+        (id, Bytes::from(s))
     }
 }
 
@@ -1130,10 +1431,204 @@ async fn pm2_case(dir: &Path) -> Res<Option<(Measured, String)>> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Where the agent's time goes: its own relay code, in-process, on one thread.
+
+/// Per-message costs of the agent's hot path, measured with the agent's own code on one
+/// thread (a current-thread runtime, so nothing overlaps): the reader side (`LineReader` +
+/// `classify` + `WorkerRelay::message`: envelope, id, subject, queue), then the publisher side
+/// (`Relay`'s publish loop draining that queue through async-nats to nats-server), then a
+/// plain async-nats publish loop doing what that loop does per message (header map, id
+/// string, `publish_with_headers`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Stages {
+    lines: u64,
+    reader_us: f64,
+    publisher_us: f64,
+    raw_publish_us: f64,
+    parse_only_us: f64,
+    build_us: f64,
+}
+
+fn stages(url: String, lines: u64) -> Res<Stages> {
+    use flotilla::agent::ipc::{Frame, LineReader};
+    use flotilla::agent::relay::RelayHub;
+    use flotilla::bus::Relay;
+    use flotilla::protocol::envelope::{self, EnvelopeOut};
+    use flotilla::protocol::message::{Classified, classify};
+    use flotilla::protocol::{AppKey, ExecMode, ProcessMeta, Status, Subjects};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let pad = "x".repeat(PAD);
+        let mut input = Vec::with_capacity(lines as usize * 400);
+        for i in 1..=lines {
+            write_line(&mut input, i, &pad)?;
+        }
+        let client = connect(&url, None).await?;
+        let tracker = tokio_util::task::TaskTracker::new();
+        // An eighth of the capacity is reserved for events: room for every line.
+        let relay = Relay::start(client.clone(), 2 * lines as usize, 1 << 30, &tracker);
+        let hub = RelayHub::new(relay.clone(), Subjects::new("pm")?, 1 << 20);
+        let meta = ProcessMeta {
+            pm_id: 0,
+            name: "stages".into(),
+            namespace: "default".into(),
+            rev: None,
+            host: HOST.into(),
+            pid: std::process::id(),
+            instance: 0,
+            exec_mode: ExecMode::Cluster,
+            status: Status::Online,
+            restart_time: 0,
+            pm_uptime: now_us() / 1000,
+            app_id: Uuid::new_v4(),
+        };
+        let worker = hub.worker(&AppKey::new("default", "stages")?, &meta);
+
+        // Parsing alone: line splitting and classification (best of 3: these loops only
+        // compute, so the fastest run is the one least disturbed by the rest of the machine).
+        let mut seen = 0u64;
+        let mut parse_only = f64::MAX;
+        for _ in 0..3 {
+            let mut reader = LineReader::new(1 << 20);
+            seen = 0;
+            let t = Instant::now();
+            reader.feed(&input, |f, _| {
+                if let Frame::Line(l) = f
+                    && classify(l).is_ok()
+                {
+                    seen += 1;
+                }
+            });
+            parse_only = parse_only.min(t.elapsed().as_secs_f64());
+        }
+
+        // Plus what `WorkerRelay` builds per message (same calls), dropped at once: no queue.
+        let meta_raw = envelope::encode_meta(&meta);
+        let mut build = f64::MAX;
+        for _ in 0..3 {
+            let mut reader = LineReader::new(1 << 20);
+            let t = Instant::now();
+            reader.feed(&input, |f, _| {
+                if let Frame::Line(l) = f
+                    && let Ok(Classified::Typed { ty, data }) = classify(l)
+                {
+                    let id = Uuid::new_v4();
+                    let payload = envelope::encode(&EnvelopeOut {
+                        at: now_us() / 1000,
+                        data: Some(data),
+                        raw: None,
+                        process: &meta_raw,
+                        event: None,
+                        id,
+                    });
+                    let subject = format!("pm.default.stages.{}", ty.as_str());
+                    std::hint::black_box((Bytes::from(payload), subject));
+                }
+            });
+            build = build.min(t.elapsed().as_secs_f64());
+        }
+
+        // The reader side, then the publisher side draining what it queued, in chunks of 10k
+        // lines (the agent's queue holds 16k): on a current-thread runtime the publisher task
+        // cannot run until the reader loop yields, so the two are timed apart.
+        let mut reader = LineReader::new(1 << 20);
+        let (mut read, mut publish) = (0.0, 0.0);
+        let chunk = 10_000 * 400;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut fed = 0;
+        for part in input.chunks(chunk) {
+            let t = Instant::now();
+            reader.feed(part, |f, _| {
+                if let Frame::Line(l) = f
+                    && let Ok(c) = classify(l)
+                {
+                    fed += u64::from(worker.message(&c));
+                }
+            });
+            read += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            // Lets the publisher run (same thread) until it has published every queued line.
+            while relay.stats().relayed < fed && Instant::now() < deadline {
+                tokio::task::yield_now().await;
+            }
+            client.flush().await?;
+            publish += t.elapsed().as_secs_f64();
+        }
+        let relayed = relay.stats().relayed;
+        let queued = fed;
+
+        // Plain async-nats doing the same per-message work.
+        let payloads: Vec<Bytes> = (0..lines)
+            .map(|i| {
+                RawTemplate::from_meta(&serde_json::to_string(&meta).unwrap())
+                    .message(i)
+                    .1
+            })
+            .collect();
+        let subject = "pm.default.stages.process:msg".to_string();
+        let t = Instant::now();
+        for p in payloads {
+            let id = Uuid::new_v4();
+            let mut headers = HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.to_string().as_str());
+            client
+                .publish_with_headers(subject.clone(), headers, p)
+                .await?;
+        }
+        client.flush().await?;
+        let raw = t.elapsed().as_secs_f64();
+        drop(worker);
+        drop(hub);
+        drop(relay);
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+        if seen != lines || relayed != lines || queued != lines {
+            return Err(format!(
+                "stages: parsed {seen}, queued {queued}, relayed {relayed} of {lines}"
+            )
+            .into());
+        }
+        let per = |s: f64| s * 1e6 / lines as f64;
+        Ok(Stages {
+            lines,
+            reader_us: per(read),
+            publisher_us: per(publish),
+            raw_publish_us: per(raw),
+            parse_only_us: per(parse_only),
+            build_us: per(build),
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // The run.
+
+/// Which cases to run: all, or those named in BENCH_CASES (comma-separated: ceiling, node,
+/// native, raw, scale, paced, ladder, pm2), for investigating one at a time.
+fn want(case: &str) -> bool {
+    match std::env::var("BENCH_CASES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|c| c.trim() == case),
+        _ => true,
+    }
+}
+
+/// A number from the environment, or `default`.
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Total rates (msgs/s, over 4 native workers) of the lossless-capacity ladder, 2 s each.
+const LADDER: [u64; 4] = [25_000, 50_000, 100_000, 150_000];
+const LADDER_SECS: u64 = 2;
 
 async fn run() -> Res<()> {
     let tmp = tempfile::tempdir()?;
+    trace(&format!("work dir {}", tmp.path().display()));
     let dir = tmp.path().to_path_buf();
     std::fs::write(dir.join("worker.js"), NODE_WORKER_JS)?;
     std::fs::write(
@@ -1147,12 +1642,14 @@ async fn run() -> Res<()> {
 
     let machine = machine();
     eprintln!("{machine}");
-    let mut rows: Vec<Row> = vec![];
-    let mut cpu_rows: Vec<(String, Measured)> = vec![];
 
     // 1. The Node IPC ceiling.
-    eprintln!("running: Node IPC ceiling ({NODE_WORKERS} x {NODE_N})");
-    let ceiling = node_ceiling(&dir).await?;
+    let ceiling = if want("ceiling") {
+        eprintln!("running: Node IPC ceiling ({NODE_WORKERS} x {NODE_N})");
+        Some(node_ceiling(&dir).await?)
+    } else {
+        None
+    };
 
     // The agent and its NATS.
     let nats = Nats::start(&dir.join("nats")).await?;
@@ -1168,93 +1665,187 @@ async fn run() -> Res<()> {
         ctl,
         subs,
         slow,
-        rss_no_workers,
         rss_idle_workers: None,
         sample: None,
     };
 
     // 2. The same Node workers through the agent (RSS with them idle is taken before `go`).
-    eprintln!("running: Node workers through the agent ({NODE_WORKERS} x {NODE_N})");
-    let spec = b.node_spec("node");
-    let node = b
-        .agent_case(
-            AgentCase {
-                app: "node",
-                spec,
-                workers: NODE_WORKERS,
-                per_worker: NODE_N,
-                rate: 0,
-            },
-            true,
+    let node = if want("node") {
+        eprintln!("running: Node workers through the agent ({NODE_WORKERS} x {NODE_N})");
+        let spec = b.node_spec("node");
+        Some(
+            b.agent_case(
+                AgentCase {
+                    app: "node",
+                    spec,
+                    workers: NODE_WORKERS,
+                    per_worker: NODE_N,
+                    rate: 0,
+                },
+                true,
+            )
+            .await?,
         )
-        .await?;
+    } else {
+        None
+    };
 
     // 3 and 6. Native source through the agent (the 200k burst), then raw async-nats.
-    eprintln!("running: native source through the agent ({NATIVE_WORKERS} x {NATIVE_N})");
-    let spec = b.native_spec("native");
-    let native = b
-        .agent_case(
-            AgentCase {
-                app: "native",
-                spec,
-                workers: NATIVE_WORKERS,
-                per_worker: NATIVE_N,
-                rate: 0,
-            },
-            false,
+    let native = if want("native") || want("raw") {
+        eprintln!("running: native source through the agent ({NATIVE_WORKERS} x {NATIVE_N})");
+        let spec = b.native_spec("native");
+        Some(
+            b.agent_case(
+                AgentCase {
+                    app: "native",
+                    spec,
+                    workers: NATIVE_WORKERS,
+                    per_worker: NATIVE_N,
+                    rate: 0,
+                },
+                false,
+            )
+            .await?,
         )
-        .await?;
+    } else {
+        None
+    };
     let sample_len = b.sample.as_ref().map_or(0, |s| s.len());
-    eprintln!("running: raw async-nats ({NATIVE_WORKERS} x {NATIVE_N})");
-    let raw = b.raw_case("native", NATIVE_WORKERS, NATIVE_N, 0).await?;
+    let raw = if want("raw") || want("native") {
+        eprintln!("running: raw async-nats ({NATIVE_WORKERS} x {NATIVE_N})");
+        Some(
+            b.raw_case("native", NATIVE_WORKERS, NATIVE_N, 0, false)
+                .await?,
+        )
+    } else {
+        None
+    };
     let raw_len = b
         .sample
         .as_ref()
         .and_then(|s| RawTemplate::from_sample(s).ok())
         .map_or(0, |t| t.message(1).1.len());
 
+    // 3b. Lossless capacity: 4 native workers paced at rising total rates.
+    let mut ladder = vec![];
+    if want("ladder") {
+        for total in LADDER {
+            let app = format!("ladder{}k", total / 1000);
+            let per_rate = total / NATIVE_WORKERS as u64;
+            eprintln!("running: native paced {NATIVE_WORKERS} x {per_rate}/s for {LADDER_SECS} s");
+            let spec = b.native_spec(&app);
+            let m = b
+                .agent_case(
+                    AgentCase {
+                        app: &app,
+                        spec,
+                        workers: NATIVE_WORKERS,
+                        per_worker: per_rate * LADDER_SECS,
+                        rate: per_rate,
+                    },
+                    false,
+                )
+                .await?;
+            ladder.push((per_rate, m));
+        }
+    }
+
     // 4. Scaling.
     let mut scaling = vec![];
-    for w in SCALE_WORKERS {
-        let app = format!("scale{w}");
-        let per = SCALE_TOTAL / w as u64;
-        eprintln!("running: scaling, {w} native workers x {per}");
-        let spec = b.native_spec(&app);
-        let m = b
-            .agent_case(
-                AgentCase {
-                    app: &app,
-                    spec,
-                    workers: w,
-                    per_worker: per,
-                    rate: 0,
-                },
-                false,
-            )
-            .await?;
-        scaling.push((w, per, m));
+    if want("scale") {
+        for w in SCALE_WORKERS {
+            let app = format!("scale{w}");
+            let per = SCALE_TOTAL / w as u64;
+            eprintln!("running: scaling, {w} native workers x {per}");
+            let spec = b.native_spec(&app);
+            let m = b
+                .agent_case(
+                    AgentCase {
+                        app: &app,
+                        spec,
+                        workers: w,
+                        per_worker: per,
+                        rate: 0,
+                    },
+                    false,
+                )
+                .await?;
+            scaling.push((w, per, m));
+        }
     }
 
     // 5. Paced latency.
-    let paced_n = PACED_RATE * PACED_SECS;
-    eprintln!("running: paced {PACED_WORKERS} x {PACED_RATE}/s for {PACED_SECS} s, agent");
-    let spec = b.native_spec("paced");
-    let paced = b
-        .agent_case(
-            AgentCase {
-                app: "paced",
-                spec,
-                workers: PACED_WORKERS,
-                per_worker: paced_n,
-                rate: PACED_RATE,
-            },
-            false,
+    let (pw, pr, ps) = (
+        knob("BENCH_PACED_WORKERS", PACED_WORKERS) as usize,
+        knob("BENCH_PACED_RATE", PACED_RATE),
+        knob("BENCH_PACED_SECS", PACED_SECS),
+    );
+    let paced_n = pr * ps;
+    let rounds = knob("BENCH_PACED_ROUNDS", 3);
+    let (mut paced, mut paced_raw, mut paced_via, mut paced_procs) = (None, None, None, None);
+    let (mut paced_p99s, mut raw_p99s, mut via_p99s, mut procs_p99s) =
+        (vec![], vec![], vec![], vec![]);
+    if want("paced") {
+        let (mut a, mut r, mut v, mut pp) = (vec![], vec![], vec![], vec![]);
+        for round in 1..=rounds {
+            eprintln!("running: paced {pw} x {pr}/s for {ps} s, agent, round {round}/{rounds}");
+            let app = format!("paced{round}");
+            let spec = b.native_spec(&app);
+            let m = b
+                .agent_case(
+                    AgentCase {
+                        app: &app,
+                        spec,
+                        workers: pw,
+                        per_worker: paced_n,
+                        rate: pr,
+                    },
+                    false,
+                )
+                .await?;
+            paced_p99s.push(m.p99_us);
+            a.push(m);
+            if b.sample.is_some() {
+                eprintln!("running: paced {pw} x {pr}/s for {ps} s, raw, round {round}/{rounds}");
+                let m = b.raw_case(&app, pw, paced_n, pr, false).await?;
+                raw_p99s.push(m.p99_us);
+                r.push(m);
+                eprintln!(
+                    "running: paced {pw} x {pr}/s for {ps} s, raw through the agent's Relay, round {round}/{rounds}"
+                );
+                let m = b.raw_case(&app, pw, paced_n, pr, true).await?;
+                via_p99s.push(m.p99_us);
+                v.push(m);
+                eprintln!(
+                    "running: paced {pw} x {pr}/s for {ps} s, raw from {pw} processes, round {round}/{rounds}"
+                );
+                let m = b.raw_procs_case(&app, pw, paced_n, pr).await?;
+                procs_p99s.push(m.p99_us);
+                pp.push(m);
+            }
+        }
+        paced = Some(Measured::pool(&a));
+        paced_raw = (!r.is_empty()).then(|| Measured::pool(&r));
+        paced_via = (!v.is_empty()).then(|| Measured::pool(&v));
+        paced_procs = (!pp.is_empty()).then(|| Measured::pool(&pp));
+    }
+
+    // Where the agent's time goes: its code in-process, on one thread.
+    let stage = if want("stages") {
+        eprintln!("running: agent hot path in-process ({SCALE_TOTAL} lines)");
+        let url = b.nats.url.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(stages(url, SCALE_TOTAL).map_err(|e| e.to_string()));
+        });
+        Some(
+            tokio::time::timeout(Duration::from_secs(120), rx)
+                .await
+                .map_err(|_| "the in-process stages did not finish in 120 s")??,
         )
-        .await?;
-    eprintln!("running: paced {PACED_WORKERS} x {PACED_RATE}/s for {PACED_SECS} s, raw");
-    let paced_raw = b
-        .raw_case("paced", PACED_WORKERS, paced_n, PACED_RATE)
-        .await?;
+    } else {
+        None
+    };
 
     let final_stats = agent_stats(&b.ctl).await?;
     let rss_end = mem_kib(b.agent.pid).0;
@@ -1275,148 +1866,258 @@ async fn run() -> Res<()> {
         .unwrap_or(0);
 
     // 7. pm2.
-    eprintln!("running: pm2 bus ({NODE_WORKERS} x {NODE_N}), if pm2 is installed");
-    let pm2 = match pm2_case(&dir).await {
-        Ok(p) => p.map(Ok),
-        Err(e) => Some(Err(e.to_string())),
+    let pm2 = if want("pm2") {
+        eprintln!("running: pm2 bus ({NODE_WORKERS} x {NODE_N}), if pm2 is installed");
+        match pm2_case(&dir).await {
+            Ok(p) => Some(p.ok_or_else(|| "not installed".to_string())),
+            Err(e) => Some(Err(format!("failed: {e}"))),
+        }
+    } else {
+        None
     };
 
     // The table.
-    let c_rate = ceiling.rate();
-    let r_rate = raw.rate();
-    rows.push(Row::of(
-        &format!("Node IPC ceiling ({NODE_WORKERS} x {NODE_N}, Node parent)"),
-        &ceiling,
-        None,
-    ));
-    rows.push(Row::of(
-        &format!("Flotilla, Node workers ({NODE_WORKERS} x {NODE_N})"),
-        &node,
-        Some((node.rate() / c_rate, "ceiling")),
-    ));
+    let c_rate = ceiling.as_ref().map(Measured::rate);
+    let r_rate = raw.as_ref().map(Measured::rate);
+    let vs = |m: &Measured, base: Option<f64>, of: &'static str| base.map(|b| (m.rate() / b, of));
+    let mut rows: Vec<Row> = vec![];
+    let mut cpu_rows: Vec<(String, Measured)> = vec![];
+    let mut add = |rows: &mut Vec<Row>, name: String, m: &Measured, ratio: Option<(f64, &str)>| {
+        rows.push(Row::of(&name, m, ratio));
+        cpu_rows.push((name, m.clone()));
+    };
+    if let Some(m) = &ceiling {
+        add(
+            &mut rows,
+            format!("Node IPC ceiling, Node parent ({NODE_WORKERS} x {NODE_N})"),
+            m,
+            None,
+        );
+    }
+    if let Some(m) = &node {
+        add(
+            &mut rows,
+            format!("Flotilla, Node workers ({NODE_WORKERS} x {NODE_N})"),
+            m,
+            vs(m, c_rate, "ceiling"),
+        );
+    }
     match &pm2 {
-        Some(Ok((m, _))) => rows.push(Row::of(
-            &format!("pm2 bus, Node workers ({NODE_WORKERS} x {NODE_N})"),
+        Some(Ok((m, _))) => add(
+            &mut rows,
+            format!("pm2 bus, Node workers ({NODE_WORKERS} x {NODE_N})"),
             m,
-            Some((m.rate() / c_rate, "ceiling")),
-        )),
-        Some(Err(e)) => rows.push(Row::note("pm2 bus", &format!("failed: {e}"))),
-        None => rows.push(Row::note("pm2", "not installed")),
+            vs(m, c_rate, "ceiling"),
+        ),
+        Some(Err(e)) => rows.push(Row::note("pm2", e)),
+        None => {}
     }
-    rows.push(Row::of(
-        &format!("raw async-nats ({NATIVE_WORKERS} x {NATIVE_N})"),
-        &raw,
-        None,
-    ));
-    rows.push(Row::of(
-        &format!("Flotilla, native ({NATIVE_WORKERS} x {NATIVE_N}, 200k burst)"),
-        &native,
-        Some((native.rate() / r_rate, "raw")),
-    ));
+    if let Some(m) = &raw {
+        add(
+            &mut rows,
+            format!("raw async-nats ({NATIVE_WORKERS} x {NATIVE_N})"),
+            m,
+            None,
+        );
+    }
+    if let Some(m) = &native {
+        add(
+            &mut rows,
+            format!("Flotilla, native ({NATIVE_WORKERS} x {NATIVE_N}, 200k burst)"),
+            m,
+            vs(m, r_rate, "raw"),
+        );
+    }
+    for (per_rate, m) in &ladder {
+        add(
+            &mut rows,
+            format!("Flotilla, native paced {NATIVE_WORKERS} x {per_rate}/s"),
+            m,
+            vs(m, r_rate, "raw"),
+        );
+    }
     for (w, per, m) in &scaling {
-        rows.push(Row::of(
-            &format!("Flotilla, native scaling {w} x {per}"),
+        add(
+            &mut rows,
+            format!("Flotilla, native scaling {w} x {per}"),
             m,
-            Some((m.rate() / r_rate, "raw")),
-        ));
+            vs(m, r_rate, "raw"),
+        );
     }
-    rows.push(Row::of(
-        &format!("raw async-nats paced {PACED_WORKERS} x {PACED_RATE}/s"),
-        &paced_raw,
-        None,
-    ));
-    rows.push(Row::of(
-        &format!("Flotilla, native paced {PACED_WORKERS} x {PACED_RATE}/s"),
-        &paced,
-        None,
-    ));
+    if let Some(m) = &paced_raw {
+        add(
+            &mut rows,
+            format!("raw async-nats paced {pw} x {pr}/s, {rounds} x {ps} s"),
+            m,
+            None,
+        );
+    }
+    if let Some(m) = &paced_procs {
+        add(
+            &mut rows,
+            format!("raw paced from {pw} processes, {rounds} x {ps} s"),
+            m,
+            None,
+        );
+    }
+    if let Some(m) = &paced_via {
+        add(
+            &mut rows,
+            format!("raw paced through the agent's Relay, {rounds} x {ps} s"),
+            m,
+            None,
+        );
+    }
+    if let Some(m) = &paced {
+        add(
+            &mut rows,
+            format!("Flotilla, native paced {pw} x {pr}/s, {rounds} x {ps} s"),
+            m,
+            None,
+        );
+    }
     rows.push(Row::note(
         "agent RSS: no workers / 4 idle Node workers",
         &format!(
             "{} / {}",
             mib(rss_no_workers),
-            rss_idle_workers.map_or("?".into(), mib)
+            rss_idle_workers.map_or("-".into(), mib)
         ),
     ));
     println!();
     println!("{machine}");
     println!();
     print_table(&rows);
-
-    cpu_rows.push(("Node IPC ceiling".into(), ceiling.clone()));
-    cpu_rows.push(("Flotilla, Node workers".into(), node.clone()));
-    if let Some(Ok((m, _))) = &pm2 {
-        cpu_rows.push(("pm2 bus, Node workers".into(), m.clone()));
-    }
-    cpu_rows.push(("raw async-nats".into(), raw.clone()));
-    cpu_rows.push(("Flotilla, native x4".into(), native.clone()));
-    for (w, _, m) in &scaling {
-        cpu_rows.push((format!("Flotilla, native scaling {w}"), m.clone()));
-    }
-    cpu_rows.push(("raw async-nats paced".into(), paced_raw.clone()));
-    cpu_rows.push(("Flotilla, native paced".into(), paced.clone()));
+    println!(
+        "('agent' RSS/CPU: the flotilla agent; in the ceiling row the Node parent; in the pm2 row pm2's daemon. RSS peak is VmHWM reset before the burst, except the Node parent's: its lifetime maxRSS.)"
+    );
     println!();
     println!(
-        "CPU seconds during each burst (relay = agent, Node parent or pm2 daemon; bench = this process: subscriber, and publisher in raw rows)"
+        "CPU seconds during each burst (relay = agent, Node parent or pm2 daemon; bench = this process: the subscriber, plus the publisher in raw rows; the pm2 subscriber is a Node process)"
     );
     print_cpu(&cpu_rows);
 
     // Targets.
-    let p99_diff = match (paced.p99_us, paced_raw.p99_us) {
-        (Some(a), Some(r)) => Some((a - r) / 1000.0),
-        _ => None,
-    };
     println!();
     println!("Targets (shown, not asserted):");
     let yes = |b: bool| if b { "met" } else { "MISSED" };
-    let node_ratio = node.rate() / c_rate;
-    println!(
-        "  Flotilla >= 0.9x Node ceiling, zero loss ........ {:.2}x, loss {} -> {}",
-        node_ratio,
-        node.loss(),
-        yes(node_ratio >= 0.9 && node.loss() == 0)
-    );
-    let native_ratio = native.rate() / r_rate;
-    println!(
-        "  native >= 0.8x raw ............................... {:.2}x (loss {}) -> {}",
-        native_ratio,
-        native.loss(),
-        yes(native_ratio >= 0.8)
-    );
-    match p99_diff {
-        Some(d) => println!(
-            "  p99 within 0.5 ms of raw's at 4k/s ............... {:+.3} ms ({} vs {}) -> {}",
-            d,
-            fmt_lat(paced.p99_us),
-            fmt_lat(paced_raw.p99_us),
-            yes(d <= 0.5)
-        ),
-        None => println!("  p99 within 0.5 ms of raw's at 4k/s ............... no data"),
+    if let (Some(n), Some(c)) = (&node, c_rate) {
+        let r = n.rate() / c;
+        println!(
+            "  Flotilla >= 0.9x Node ceiling, zero loss ........ {r:.2}x, loss {} -> {}",
+            n.loss(),
+            yes(r >= 0.9 && n.loss() == 0)
+        );
     }
-    let idle = rss_idle_workers.unwrap_or(0);
-    println!(
-        "  agent RSS < 15 MiB with 4 idle workers ........... {} -> {}",
-        mib(idle),
-        yes(idle > 0 && idle < 15 * 1024)
-    );
-    println!(
-        "  agent RSS bounded through the 200k burst ......... peak {}, after {}, at the end {}",
-        native.relay_peak_kib.map_or("?".into(), mib),
-        native.relay_after_kib.map_or("?".into(), mib),
-        mib(rss_end)
-    );
+    if let (Some(n), Some(r)) = (&native, r_rate) {
+        let x = n.rate() / r;
+        println!(
+            "  native >= 0.8x raw ............................... {x:.2}x (loss {}) -> {}",
+            n.loss(),
+            yes(x >= 0.8 && n.loss() == 0)
+        );
+    }
+    if let (Some(a), Some(r)) = (&paced, &paced_raw)
+        && let (Some(pa), Some(pr)) = (a.p99_us, r.p99_us)
+    {
+        let d = (pa - pr) / 1000.0;
+        println!(
+            "  p99 within 0.5 ms of raw's at 4k/s ............... {d:+.3} ms ({} vs {}) -> {}",
+            fmt_lat(a.p99_us),
+            fmt_lat(r.p99_us),
+            yes(d <= 0.5)
+        );
+        if let Some(pp) = paced_procs.as_ref().and_then(|m| m.p99_us) {
+            println!(
+                "    (against raw publishing from the same number of worker processes: {:+.3} ms, {} vs {})",
+                (pa - pp) / 1000.0,
+                fmt_lat(a.p99_us),
+                fmt_lat(Some(pp))
+            );
+        }
+    }
+    if let Some(idle) = rss_idle_workers {
+        println!(
+            "  agent RSS < 15 MiB with 4 idle workers ........... {} -> {}",
+            mib(idle),
+            yes(idle < 15 * 1024)
+        );
+    }
+    if let Some(n) = &native {
+        println!(
+            "  agent RSS bounded through the 200k burst ......... peak {}, after {}, at the end {}",
+            n.relay_peak_kib.map_or("?".into(), mib),
+            n.relay_after_kib.map_or("?".into(), mib),
+            mib(rss_end)
+        );
+    }
+    let p99s = |v: &[Option<f64>]| v.iter().map(|p| fmt_lat(*p)).collect::<Vec<_>>().join(", ");
+    if !paced_p99s.is_empty() {
+        println!(
+            "  paced p99 per round: Flotilla {}; raw {}; raw through the agent's Relay {}; raw from {pw} processes {}",
+            p99s(&paced_p99s),
+            p99s(&raw_p99s),
+            p99s(&via_p99s),
+            p99s(&procs_p99s)
+        );
+    }
+    for (name, m) in [
+        ("raw", &paced_raw),
+        ("raw through the agent's Relay", &paced_via),
+        ("raw from processes", &paced_procs),
+        ("Flotilla", &paced),
+    ] {
+        if let Some(m) = m
+            && let Some([p90, p999, max]) = m.tail_us
+        {
+            println!(
+                "  paced {name}: p50 {} p90 {} p99 {} p99.9 {} max {}",
+                fmt_lat(m.p50_us),
+                fmt_lat(Some(p90)),
+                fmt_lat(m.p99_us),
+                fmt_lat(Some(p999)),
+                fmt_lat(Some(max))
+            );
+        }
+    }
+    if let Some(m) = &paced {
+        let show = |v: Option<(f64, f64)>| {
+            v.map_or("-".into(), |(a, b)| {
+                format!(
+                    "{:.2} ms to the agent + {:.2} ms on",
+                    a / 1000.0,
+                    b / 1000.0
+                )
+            })
+        };
+        println!(
+            "  paced Flotilla, mean split at the agent's `at` stamp: all messages {}; the slowest 1% {}",
+            show(split_at(&m.split_us, 0.0)),
+            show(split_at(&m.split_us, 0.99))
+        );
+    }
+    if let Some(Ok(st)) = &stage {
+        println!();
+        println!(
+            "Agent hot path, in-process on one thread ({} lines of 400 B through the agent's own LineReader, classify, WorkerRelay and Relay):",
+            st.lines
+        );
+        println!(
+            "  split + classify {:.2} us/line; + envelope, id, subject (dropped at once) {:.2}; reader side as the agent runs it (+ queue) {:.2} us/line",
+            st.parse_only_us, st.build_us, st.reader_us
+        );
+        println!(
+            "  publisher side (Relay's publish loop -> async-nats -> nats-server) {:.2} us/msg; plain async-nats loop with the same per-message work {:.2} us/msg",
+            st.publisher_us, st.raw_publish_us
+        );
+    } else if let Some(Err(e)) = &stage {
+        println!("Agent hot path in-process: failed: {e}");
+    }
     println!();
+    let slow_total: u64 = cpu_rows.iter().map(|(_, m)| m.slow_consumer).sum();
     println!(
-        "envelope bytes: agent {sample_len}, raw {raw_len}; channel line 400 bytes; agent totals: relayed {}, dropped {}, ipc_errors {}; agent log warnings: {warnings}; subscriber slow-consumer events: {}",
-        final_stats.relayed,
-        final_stats.dropped,
-        final_stats.ipc_errors,
-        node.slow_consumer
-            + native.slow_consumer
-            + raw.slow_consumer
-            + paced.slow_consumer
-            + paced_raw.slow_consumer
-            + scaling.iter().map(|s| s.2.slow_consumer).sum::<u64>()
+        "envelope bytes: agent {sample_len}, raw {raw_len}; channel line 400 bytes; agent totals: relayed {}, dropped {}, ipc_errors {}; agent log warnings: {warnings}; subscriber slow-consumer events: {slow_total}",
+        final_stats.relayed, final_stats.dropped, final_stats.ipc_errors,
     );
     if let Some(Ok((_, v))) = &pm2 {
         println!(
@@ -1440,9 +2141,17 @@ fn machine() -> String {
         .unwrap_or_default()
         .trim()
         .to_string();
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let dirty = !command_line("git", &["-C", repo, "status", "--porcelain", "src"]).is_empty();
     format!(
-        "date: {}\nmachine: {cores} cores ({cpu}), Linux {kernel}; node {}; {}",
+        "date: {}\nflotilla: commit {}{}\nmachine: {cores} cores ({cpu}), Linux {kernel}; node {}; {}",
         command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command_line("git", &["-C", repo, "rev-parse", "--short", "HEAD"]),
+        if dirty {
+            " (src/ has uncommitted changes)"
+        } else {
+            ""
+        },
         command_line("node", &["--version"]),
         command_line("nats-server", &["--version"]),
     )
@@ -1472,7 +2181,7 @@ fn fmt_rate(r: f64) -> String {
     let s = r.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
