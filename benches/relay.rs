@@ -1036,7 +1036,15 @@ impl Bench {
             let handle = tokio::runtime::Handle::current();
             let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
             let relay = via_relay.then(|| {
-                flotilla::bus::Relay::start(publisher.clone(), 16_384, 32 << 20, &tracker)
+                flotilla::bus::Relay::start(
+                    publisher.clone(),
+                    flotilla::bus::QueueLimits {
+                        messages: 16_384,
+                        bytes: 32 << 20,
+                        max_wait: Duration::from_millis(250),
+                    },
+                    &tracker,
+                )
             });
             for _ in 0..workers {
                 let (p, t, h) = (publisher.clone(), template.clone(), handle.clone());
@@ -1044,18 +1052,15 @@ impl Bench {
                 let relay = relay.clone();
                 threads.push(std::thread::spawn(move || {
                     use flotilla::bus::Outgoing;
+                    let dropping = std::sync::atomic::AtomicBool::new(false);
                     for i in 1..=per_worker {
                         pace(t0 + period * (i as u32 - 1));
                         let sent = match &relay {
                             Some(r) => {
                                 let (id, payload) = t.payload(i);
                                 let subject = subject.clone();
-                                r.try_relay(Outgoing {
-                                    subject,
-                                    id,
-                                    payload,
-                                })
-                                .is_ok()
+                                h.block_on(r.relay(Outgoing::new(subject, id, payload), &dropping))
+                                    .is_ok()
                             }
                             None => {
                                 let (headers, payload) = t.message(i);
@@ -1072,11 +1077,7 @@ impl Bench {
                     match &relay {
                         Some(r) => {
                             let id = Uuid::new_v4();
-                            let _ = r.send_event(Outgoing {
-                                subject: done,
-                                id,
-                                payload,
-                            });
+                            let _ = r.send_event(Outgoing::new(done, id, payload));
                         }
                         None => {
                             let _ = h.block_on(p.publish(done, payload));
@@ -1468,7 +1469,15 @@ fn stages(url: String, lines: u64) -> Res<Stages> {
         let client = connect(&url, None).await?;
         let tracker = tokio_util::task::TaskTracker::new();
         // An eighth of the capacity is reserved for events: room for every line.
-        let relay = Relay::start(client.clone(), 2 * lines as usize, 1 << 30, &tracker);
+        let relay = Relay::start(
+            client.clone(),
+            flotilla::bus::QueueLimits {
+                messages: 2 * lines as usize,
+                bytes: 1 << 30,
+                max_wait: Duration::from_millis(250),
+            },
+            &tracker,
+        );
         let hub = RelayHub::new(relay.clone(), Subjects::new("pm")?, 1 << 20);
         let meta = ProcessMeta {
             pm_id: 0,
@@ -1538,15 +1547,19 @@ fn stages(url: String, lines: u64) -> Res<Stages> {
         let chunk = 10_000 * 400;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut fed = 0;
+        let mut out = Vec::new();
         for part in input.chunks(chunk) {
             let t = Instant::now();
             reader.feed(part, |f, _| {
                 if let Frame::Line(l) = f
                     && let Ok(c) = classify(l)
                 {
-                    fed += u64::from(worker.message(&c));
+                    out.extend(worker.message(&c));
                 }
             });
+            for o in out.drain(..) {
+                fed += u64::from(worker.push(o).await);
+            }
             read += t.elapsed().as_secs_f64();
             let t = Instant::now();
             // Lets the publisher run (same thread) until it has published every queued line.

@@ -10,9 +10,9 @@ use crate::config::Settings;
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use bytes::Bytes;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -178,6 +178,26 @@ pub struct Outgoing {
     pub id: Uuid,
     /// The envelope.
     pub payload: Bytes,
+    /// Room taken in the queue (worker messages only); given back once published.
+    room: Option<Room>,
+}
+
+impl Outgoing {
+    /// A message for `subject`.
+    pub fn new(subject: String, id: Uuid, payload: Bytes) -> Self {
+        Self {
+            subject,
+            id,
+            payload,
+            room: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Room {
+    _slot: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
 }
 
 /// Why a message was not queued.
@@ -192,14 +212,14 @@ pub enum Dropped {
 struct Inner {
     tx: mpsc::Sender<Outgoing>,
     capacity: usize,
-    reserve: usize,
-    bytes: AtomicUsize,
-    max_bytes: usize,
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_bytes: u32,
+    max_wait: Duration,
     relayed: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
     drops_pending: AtomicBool,
-    drained: Notify,
 }
 
 /// Handle to the relay queue: cheap to clone; the publisher ends when every handle is gone and
@@ -222,64 +242,105 @@ pub struct RelayStats {
     pub queued: u64,
 }
 
+/// Sizes of the relay queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Messages in the queue at most.
+    pub messages: usize,
+    /// Bytes of worker messages in the queue at most.
+    pub bytes: usize,
+    /// How long a worker message may wait for room before it is dropped.
+    pub max_wait: Duration,
+}
+
 impl Relay {
-    /// Makes the queue and spawns its publisher on `tracker`. `capacity` messages and
-    /// `max_bytes` bytes at most; an eighth of the capacity is kept for lifecycle events so a
-    /// flood of worker messages cannot crowd them out.
+    /// Makes the queue and spawns its publisher on `tracker`. An eighth of the message capacity
+    /// is kept for lifecycle events and heartbeats, so a flood of worker messages cannot crowd
+    /// them out.
     pub fn start(
         client: Client,
-        capacity: usize,
-        max_bytes: usize,
+        limits: QueueLimits,
         tracker: &tokio_util::task::TaskTracker,
     ) -> Relay {
+        let capacity = limits.messages.max(2);
+        let reserve = (capacity / 8).max(1);
         let (tx, rx) = mpsc::channel(capacity);
+        let max_bytes = limits
+            .bytes
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)) as u32;
         let inner = Arc::new(Inner {
             tx,
             capacity,
-            reserve: (capacity / 8).max(16),
-            bytes: AtomicUsize::new(0),
+            slots: Arc::new(Semaphore::new(capacity - reserve)),
+            bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
+            max_wait: limits.max_wait,
             relayed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             drops_pending: AtomicBool::new(false),
-            drained: Notify::new(),
         });
         let weak = Arc::downgrade(&inner);
         tracker.spawn(publish_loop(client, rx, weak));
         Relay { inner }
     }
 
-    /// Queues a worker message, or drops it (counted) when the queue is full. Never waits.
-    pub fn try_relay(&self, msg: Outgoing) -> Result<(), Dropped> {
+    /// Queues a worker message. While the publisher keeps up this waits for room, up to
+    /// `max_wait` (backpressure: the worker's channel is read more slowly, nothing is lost);
+    /// when the wait runs out (NATS down or stalled) the message is dropped and counted, and
+    /// `dropping` is set so this source's next messages are dropped at once instead of waiting
+    /// again, until there is room again.
+    pub async fn relay(&self, mut msg: Outgoing, dropping: &AtomicBool) -> Result<(), Dropped> {
         let i = &self.inner;
-        if i.tx.capacity() <= i.reserve {
+        let len = (msg.payload.len() as u64).clamp(1, i.max_bytes as u64) as u32;
+        let room = if dropping.load(Ordering::Relaxed) {
+            self.try_room(len)
+        } else {
+            match self.try_room(len) {
+                Some(r) => Some(r),
+                None => {
+                    let wait = async {
+                        let slot = i.slots.clone().acquire_owned().await.ok()?;
+                        let bytes = i.bytes.clone().acquire_many_owned(len).await.ok()?;
+                        Some(Room {
+                            _slot: slot,
+                            _bytes: bytes,
+                        })
+                    };
+                    tokio::time::timeout(i.max_wait, wait).await.ok().flatten()
+                }
+            }
+        };
+        let Some(room) = room else {
+            dropping.store(true, Ordering::Relaxed);
             return Err(self.count_drop(Dropped::Full));
-        }
+        };
+        dropping.store(false, Ordering::Relaxed);
+        msg.room = Some(room);
         self.push(msg)
     }
 
-    /// Queues a lifecycle event or heartbeat; it may use the reserved part of the queue.
+    fn try_room(&self, len: u32) -> Option<Room> {
+        let i = &self.inner;
+        let slot = i.slots.clone().try_acquire_owned().ok()?;
+        let bytes = i.bytes.clone().try_acquire_many_owned(len).ok()?;
+        Some(Room {
+            _slot: slot,
+            _bytes: bytes,
+        })
+    }
+
+    /// Queues a lifecycle event or heartbeat (never waits); it may use the reserved part of
+    /// the queue.
     pub fn send_event(&self, msg: Outgoing) -> Result<(), Dropped> {
         self.push(msg)
     }
 
     fn push(&self, msg: Outgoing) -> Result<(), Dropped> {
-        let i = &self.inner;
-        let len = msg.payload.len();
-        if i.bytes.fetch_add(len, Ordering::Relaxed) + len > i.max_bytes {
-            i.bytes.fetch_sub(len, Ordering::Relaxed);
-            return Err(self.count_drop(Dropped::Full));
-        }
-        match i.tx.try_send(msg) {
+        match self.inner.tx.try_send(msg) {
             Ok(()) => Ok(()),
-            Err(e) => {
-                i.bytes.fetch_sub(len, Ordering::Relaxed);
-                Err(self.count_drop(match e {
-                    mpsc::error::TrySendError::Full(_) => Dropped::Full,
-                    mpsc::error::TrySendError::Closed(_) => Dropped::Closed,
-                }))
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(self.count_drop(Dropped::Full)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.count_drop(Dropped::Closed)),
         }
     }
 
@@ -289,19 +350,11 @@ impl Relay {
         why
     }
 
-    /// Resolves once the queue has drained below half after drops happened: the moment to
-    /// report them (NATS is flowing again).
-    pub async fn drops_reportable(&self) {
-        loop {
-            let notified = self.inner.drained.notified();
-            if self.inner.drops_pending.load(Ordering::Acquire)
-                && self.queued() < self.inner.capacity / 2
-            {
-                self.inner.drops_pending.store(false, Ordering::Release);
-                return;
-            }
-            notified.await;
-        }
+    /// True once, after drops, when the queue has drained below half again: the moment to
+    /// report them (NATS is taking messages again). Asked at every heartbeat.
+    pub fn drops_reportable(&self) -> bool {
+        let i = &self.inner;
+        self.queued() < i.capacity / 2 && i.drops_pending.swap(false, Ordering::AcqRel)
     }
 
     /// Messages waiting.
@@ -341,9 +394,6 @@ async fn publish_loop(
         for m in batch.drain(..) {
             publish_one(&client, m, Some(&inner)).await;
         }
-        if inner.drops_pending.load(Ordering::Acquire) {
-            inner.drained.notify_waiters();
-        }
     }
     if let Err(e) = client.flush().await {
         tracing::warn!("final NATS flush failed: {e}");
@@ -353,15 +403,16 @@ async fn publish_loop(
 async fn publish_one(client: &Client, m: Outgoing, inner: Option<&Inner>) {
     let len = m.payload.len();
     let mut headers = HeaderMap::new();
+    let mut idbuf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
-        m.id.to_string().as_str(),
+        &*m.id.hyphenated().encode_lower(&mut idbuf),
     );
     let res = client
         .publish_with_headers(m.subject, headers, m.payload)
         .await;
+    drop(m.room); // room back to the queue
     if let Some(i) = inner {
-        i.bytes.fetch_sub(len, Ordering::Relaxed);
         match res {
             Ok(()) => {
                 i.relayed.fetch_add(1, Ordering::Relaxed);

@@ -79,8 +79,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let relay_tasks = TaskTracker::new();
     let relay = Relay::start(
         client.clone(),
-        settings.relay.buffer,
-        settings.relay.buffer_bytes,
+        bus::QueueLimits {
+            messages: settings.relay.buffer,
+            bytes: settings.relay.buffer_bytes,
+            max_wait: settings.relay.max_wait,
+        },
         &relay_tasks,
     );
     let hub = Arc::new(RelayHub::new(relay.clone(), subjects.clone(), max_message));
@@ -113,7 +116,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         settings.clone(),
         cancel.clone(),
     ));
-    tasks.spawn(report_drops(hub.clone(), cancel.clone()));
 
     shutdown.await;
     tracing::info!("shutting down: no new commands; stopping workers");
@@ -158,13 +160,13 @@ fn host_event(relay: &Relay, subjects: &Subjects, host: &HostId, settings: &Sett
         version: env!("CARGO_PKG_VERSION").into(),
         labels: settings.labels.clone(),
     };
-    let _ = relay.send_event(Outgoing {
-        subject: subjects.host_event(host),
+    let _ = relay.send_event(Outgoing::new(
+        subjects.host_event(host),
         id,
-        payload: serde_json::to_vec(&ev)
+        serde_json::to_vec(&ev)
             .expect("host events serialise")
             .into(),
-    });
+    ));
 }
 
 async fn heartbeats(
@@ -186,6 +188,9 @@ async fn heartbeats(
             _ = cancel.cancelled() => return,
         }
         hub.flush_errors();
+        if relay.drops_reportable() {
+            hub.report_drops();
+        }
         let Some(summary) = sup.summary().await else {
             return;
         };
@@ -213,21 +218,12 @@ async fn heartbeats(
             ipc_errors: hub.ipc_errors(),
             dropped_by_process: summary.dropped_by_process,
         };
-        let _ = relay.send_event(Outgoing {
-            subject: subject.clone(),
+        let _ = relay.send_event(Outgoing::new(
+            subject.clone(),
             id,
-            payload: serde_json::to_vec(&hb)
+            serde_json::to_vec(&hb)
                 .expect("heartbeats serialise")
                 .into(),
-        });
-    }
-}
-
-async fn report_drops(hub: Arc<RelayHub>, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = hub.relay().drops_reportable() => hub.report_drops(),
-            _ = cancel.cancelled() => return,
-        }
+        ));
     }
 }

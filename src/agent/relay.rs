@@ -1,12 +1,12 @@
 //! Per-worker side of the relay: builds envelopes with the process metadata and queues them on
 //! the shared [`Relay`]; counts and reports drops and faulty channel lines.
 
-use crate::bus::{Dropped, Outgoing, Relay};
+use crate::bus::{Outgoing, Relay};
 use crate::protocol::envelope::{self, EnvelopeOut, EventFields, ProcessMeta, now_ms};
 use crate::protocol::message::Classified;
 use crate::protocol::subjects::{AppKey, Subjects, kind};
 use serde_json::value::RawValue;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use uuid::Uuid;
 
@@ -61,6 +61,7 @@ pub struct WorkerRelay {
     dropped: AtomicU64,
     ipc_errors: AtomicU64,
     faults: Mutex<Faults>,
+    dropping: AtomicBool,
 }
 
 impl WorkerRelay {
@@ -79,34 +80,51 @@ impl WorkerRelay {
         self.max_message
     }
 
-    /// Relays one classified worker message (not Node internals). Returns false if dropped.
-    pub fn message(&self, c: &Classified<'_>) -> bool {
+    /// Builds the envelope of one classified worker message (not Node internals); `None` when
+    /// it is too large (reported as an `ipc:error`).
+    pub fn message(&self, c: &Classified<'_>) -> Option<Outgoing> {
         let (t, data, raw) = match c {
             Classified::Typed { ty, data } => (ty.as_str(), Some(*data), None),
             Classified::Raw { raw, .. } => (kind::PROCESS_MSG, None, Some(*raw)),
-            Classified::NodeInternal { .. } => return true,
+            Classified::NodeInternal { .. } => return None,
         };
-        self.emit(t, data, raw, None)
+        self.build(t, data, raw, None)
     }
 
-    /// Relays one log line (`log:out` / `log:err`).
-    pub fn log_line(&self, t: &'static str, line: &str) -> bool {
+    /// Builds the envelope of one log line (`log:out` / `log:err`).
+    pub fn log_line(&self, t: &'static str, line: &str) -> Option<Outgoing> {
         let data = serde_json::value::to_raw_value(line).expect("a string always serialises");
-        self.emit(t, Some(&data), None, None)
+        self.build(t, Some(&data), None, None)
     }
 
-    /// Publishes a lifecycle event (`process:event`); may use the queue's reserve.
+    /// Queues a worker message or log line: waits for room while NATS keeps up, drops and
+    /// counts when it does not (see [`Relay::relay`]). Returns false if dropped.
+    pub async fn push(&self, out: Outgoing) -> bool {
+        match self.relay.relay(out, &self.dropping).await {
+            Ok(()) => true,
+            Err(_) => {
+                self.count_drop();
+                false
+            }
+        }
+    }
+
+    /// Publishes a lifecycle event (`process:event`) at once; it may use the queue's reserve.
     pub fn event(&self, fields: &EventFields) {
-        self.emit(kind::PROCESS_EVENT, None, None, Some(fields));
+        if let Some(out) = self.build(kind::PROCESS_EVENT, None, None, Some(fields))
+            && self.relay.send_event(out).is_err()
+        {
+            self.count_drop();
+        }
     }
 
-    fn emit(
+    fn build(
         &self,
         t: &str,
         data: Option<&RawValue>,
         raw: Option<&RawValue>,
         event: Option<&EventFields>,
-    ) -> bool {
+    ) -> Option<Outgoing> {
         let meta = self.meta();
         let id = Uuid::new_v4();
         let payload = envelope::encode(&EnvelopeOut {
@@ -124,25 +142,12 @@ impl WorkerRelay {
                 payload.len(),
                 self.max_message
             ));
-            return false;
+            return None;
         }
-        let out = Outgoing {
-            subject: format!("{}{t}", self.prefix),
-            id,
-            payload: payload.into(),
-        };
-        let res = if event.is_some() {
-            self.relay.send_event(out)
-        } else {
-            self.relay.try_relay(out)
-        };
-        match res {
-            Ok(()) => true,
-            Err(Dropped::Full) | Err(Dropped::Closed) => {
-                self.count_drop();
-                false
-            }
-        }
+        let mut subject = String::with_capacity(self.prefix.len() + t.len());
+        subject.push_str(&self.prefix);
+        subject.push_str(t);
+        Some(Outgoing::new(subject, id, payload.into()))
     }
 
     fn count_drop(&self) {
@@ -269,6 +274,7 @@ impl RelayHub {
             dropped: AtomicU64::new(0),
             ipc_errors: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),
+            dropping: AtomicBool::new(false),
         });
         let mut ws = lock(&self.workers);
         ws.retain(|w| w.strong_count() > 0);

@@ -4,6 +4,7 @@
 use super::ipc::{self, Frame, LineReader, OutFrame};
 use super::relay::WorkerRelay;
 use super::spawn::Spawned;
+use crate::bus::Outgoing;
 use crate::protocol::message::{Classified, classify};
 use crate::protocol::subjects::kind;
 use std::path::PathBuf;
@@ -127,6 +128,7 @@ async fn log_pump(
     };
     let mut br = BufReader::with_capacity(MAX_LOG_LINE, r);
     let mut pending: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
     loop {
         let chunk = match br.fill_buf().await {
             Ok(c) => c,
@@ -151,29 +153,34 @@ async fn log_pump(
         let mut rest = chunk;
         while let Some(pos) = memchr::memchr(b'\n', rest) {
             pending.extend_from_slice(&rest[..pos]);
-            emit_line(&relay, t, &pending);
+            out.extend(line_out(&relay, t, &pending));
             pending.clear();
             rest = &rest[pos + 1..];
         }
         pending.extend_from_slice(rest);
         while pending.len() >= MAX_LOG_LINE {
             let tail = pending.split_off(MAX_LOG_LINE);
-            emit_line(&relay, t, &pending);
+            out.extend(line_out(&relay, t, &pending));
             pending = tail;
         }
         br.consume(n);
+        for o in out.drain(..) {
+            relay.push(o).await;
+        }
     }
-    if !pending.is_empty() {
-        emit_line(&relay, t, &pending);
+    if !pending.is_empty()
+        && let Some(o) = line_out(&relay, t, &pending)
+    {
+        relay.push(o).await;
     }
     if let Some(mut f) = file {
         let _ = f.flush().await;
     }
 }
 
-fn emit_line(relay: &WorkerRelay, t: &'static str, line: &[u8]) {
+fn line_out(relay: &WorkerRelay, t: &'static str, line: &[u8]) -> Option<Outgoing> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    relay.log_line(t, &String::from_utf8_lossy(line));
+    relay.log_line(t, &String::from_utf8_lossy(line))
 }
 
 /// The user message inside a `NODE_HANDLE` line (`{"cmd":"NODE_HANDLE","type":…,"msg":…}`).
@@ -207,6 +214,7 @@ async fn ipc_pump(
     run_gen: u64,
 ) {
     let mut reader = LineReader::new(relay.max_message());
+    let mut out: Vec<Outgoing> = Vec::new();
     loop {
         let mut ready = false;
         let res = reader
@@ -224,14 +232,14 @@ async fn ipc_pump(
                                 if let Ok(c @ (Classified::Typed { .. } | Classified::Raw { .. })) =
                                     classify(inner.get().as_bytes())
                                 {
-                                    relay.message(&c);
+                                    out.extend(relay.message(&c));
                                 }
                             }
                         }
                     }
                     Ok(c) => {
                         ready |= matches!(c, Classified::Raw { ready: true, .. });
-                        relay.message(&c);
+                        out.extend(relay.message(&c));
                     }
                     Err(e) => relay.ipc_error(format!(
                         "malformed line on the IPC channel ({e}), starting `{}`: write one JSON value per line",
@@ -245,6 +253,11 @@ async fn ipc_pump(
                 )),
             })
             .await;
+        // Queue what this read brought, in order; while NATS keeps up this may wait for room,
+        // and the channel is read again only then (backpressure instead of loss).
+        for o in out.drain(..) {
+            relay.push(o).await;
+        }
         if ready {
             let _ = events.send(WorkerEvent::Ready { pm_id, run_gen }).await;
         }

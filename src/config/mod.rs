@@ -87,6 +87,10 @@ pub struct RelaySettings {
     pub buffer_bytes: usize,
     /// Largest worker message relayed, bytes; unset means the server's `max_payload`.
     pub max_message: Option<usize>,
+    /// How long a worker message may wait for room in a full queue (the worker's channel is
+    /// read more slowly meanwhile) before it is dropped and counted.
+    #[serde(with = "duration::ms")]
+    pub max_wait: Duration,
 }
 
 impl Default for RelaySettings {
@@ -95,6 +99,7 @@ impl Default for RelaySettings {
             buffer: 16_384,
             buffer_bytes: 32 << 20,
             max_message: None,
+            max_wait: Duration::from_millis(250),
         }
     }
 }

@@ -197,9 +197,16 @@ pub fn now_ms() -> u64 {
 /// Serialises an envelope to bytes. Serialising these types cannot fail (no maps with non-string
 /// keys, no failing `Serialize` impls), so the `expect` documents an invariant.
 pub fn encode(env: &EnvelopeOut<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        256 + env.data.map_or(0, |d| d.get().len()) + env.raw.map_or(0, |d| d.get().len()),
-    );
+    // Sized for one allocation: `{"at":…,"data":…,"process":…,"id":"…"}` plus event fields.
+    let len = |v: Option<&RawValue>| v.map_or(0, |v| v.get().len());
+    let cap = 96
+        + env.process.get().len()
+        + len(env.data)
+        + len(env.raw)
+        + env
+            .event
+            .map_or(0, |e| 64 + e.reason.as_ref().map_or(0, String::len));
+    let mut out = Vec::with_capacity(cap);
     serde_json::to_writer(&mut out, env).expect("envelope serialisation is infallible");
     out
 }

@@ -57,29 +57,37 @@ struct Probe<'a> {
     cmd: Option<&'a RawValue>,
 }
 
-/// Classifies one line (without its newline).
+/// Classifies one line (without its newline). An object is parsed once (the common,
+/// typed case); the whole line is kept as `raw` only when it is needed.
 pub fn classify(line: &[u8]) -> Result<Classified<'_>, Malformed> {
     let line = trim_ascii(line);
     if line.is_empty() {
         return Err(Malformed::Empty);
     }
-    let raw: &RawValue = serde_json::from_slice(line)?;
+    let whole = |line| -> Result<&RawValue, Malformed> { Ok(serde_json::from_slice(line)?) };
     if line[0] != b'{' {
+        let raw = whole(line)?;
         return Ok(Classified::Raw {
             raw,
             ready: raw.get() == "\"ready\"",
         });
     }
-    // Valid JSON object; a probe failure (duplicate keys) just means "raw".
-    let Ok(probe) = serde_json::from_str::<Probe<'_>>(raw.get()) else {
-        return Ok(Classified::Raw { raw, ready: false });
+    // A probe failure on valid JSON (duplicate keys) just means "raw".
+    let probe = match serde_json::from_slice::<Probe<'_>>(line) {
+        Ok(p) => p,
+        Err(_) => {
+            return Ok(Classified::Raw {
+                raw: whole(line)?,
+                ready: false,
+            });
+        }
     };
     if let Some(cmd) = probe.cmd.and_then(as_str)
         && cmd.starts_with("NODE_")
     {
         return Ok(Classified::NodeInternal {
             cmd: cmd.to_string(),
-            raw,
+            raw: whole(line)?,
         });
     }
     if let (Some(ty), Some(data)) = (probe.ty, probe.data)
@@ -88,7 +96,10 @@ pub fn classify(line: &[u8]) -> Result<Classified<'_>, Malformed> {
     {
         return Ok(Classified::Typed { ty, data });
     }
-    Ok(Classified::Raw { raw, ready: false })
+    Ok(Classified::Raw {
+        raw: whole(line)?,
+        ready: false,
+    })
 }
 
 fn trim_ascii(mut s: &[u8]) -> &[u8] {

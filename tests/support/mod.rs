@@ -181,6 +181,13 @@ impl TestAgent {
 
     /// Spawns without waiting (for tests where NATS is not up yet).
     pub fn spawn(url: &str, host: &str, f: impl FnOnce(&mut Settings)) -> TestAgent {
+        // FLOTILLA_LOG=debug shows the agent's log in a test's output.
+        if let Ok(filter) = std::env::var("FLOTILLA_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let home = tempfile::tempdir().unwrap();
         let mut s = settings(url, host, home.path());
         f(&mut s);
