@@ -181,6 +181,7 @@ async fn heartbeats(
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut meter = stats::CpuMeter::default();
+    let mut trim = Trim::default();
     let subject = subjects.heartbeat(&host);
     loop {
         tokio::select! {
@@ -191,6 +192,7 @@ async fn heartbeats(
         if relay.drops_reportable() {
             hub.report_drops();
         }
+        trim.after_burst(&relay);
         let Some(summary) = sup.summary().await else {
             return;
         };
@@ -225,5 +227,30 @@ async fn heartbeats(
                 .expect("heartbeats serialise")
                 .into(),
         ));
+    }
+}
+
+/// Gives memory back to the OS after a burst: the allocator keeps freed envelopes otherwise,
+/// and the agent's RSS would stay at its peak (BENCHMARKS.md).
+#[derive(Default)]
+struct Trim {
+    relayed_at_last: u64,
+}
+
+impl Trim {
+    /// Messages relayed since the last trim that make another one worth it (~10 MB of envelopes).
+    const AFTER: u64 = 16_384;
+
+    fn after_burst(&mut self, relay: &Relay) {
+        let relayed = relay.stats().relayed;
+        if relay.queued() == 0 && relayed.saturating_sub(self.relayed_at_last) >= Self::AFTER {
+            self.relayed_at_last = relayed;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only asks glibc to release free heap pages; no pointers are
+            // involved and it is safe to call at any time from any thread.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
     }
 }
