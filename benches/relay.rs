@@ -11,6 +11,10 @@
 //! 6. agent RSS with idle workers and through a 200k-message burst;
 //! 7. pm2's bus with the same Node workers, when `pm2` is on PATH.
 //!
+//! The burst cases (1, 2, 3, 4 and 7) run [`ROUNDS`] times, interleaved round by round so that
+//! drift on a shared machine hits every case alike; the table shows the median of each figure
+//! and the lowest and highest msgs/s, and ratios are taken between medians.
+//!
 //! Every wait is an awaited event under a deadline; the whole run is bounded. The bench starts
 //! its own `nats-server` on a free loopback port and kills everything it started at the end.
 //! BENCHMARKS.md records a run and what the figures mean.
@@ -58,7 +62,17 @@ const IDLE: Duration = Duration::from_secs(5);
 /// Longest one burst may take.
 const BURST_DEADLINE: Duration = Duration::from_secs(120);
 /// Longest the whole bench may take.
-const TOTAL_DEADLINE: Duration = Duration::from_secs(360);
+const TOTAL_DEADLINE: Duration = Duration::from_secs(480);
+/// Rounds of each burst case (BENCH_ROUNDS overrides it, to investigate).
+const ROUNDS: u64 = 3;
+/// The agent's heartbeat interval in the bench (BENCH_AGENT_FLOTILLA_HEARTBEAT_INTERVAL
+/// overrides it). The agent trims its heap at the first heartbeat after a burst, and the bench
+/// awaits that heartbeat before reading the agent's RSS; a short interval keeps that wait short.
+const HEARTBEAT_INTERVAL: &str = "200ms";
+/// A heartbeat stamped at least this long after the last message of a burst arrived comes from
+/// a tick after the agent's queue had drained (the agent trims, asks its supervisor for a
+/// summary, then stamps the heartbeat: well under this margin), so it has had its chance to trim.
+const HEARTBEAT_MARGIN_MS: u64 = 50;
 
 /// The worker for the Node cases: only `process.send` and `process.on('message')`, so it runs
 /// unmodified under a Node parent, the agent and pm2. It announces itself, waits for `go`
@@ -646,6 +660,7 @@ impl Agent {
                 cmd.env_remove(k);
             }
         }
+        cmd.env("FLOTILLA_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL);
         // BENCH_AGENT_FLOTILLA_X=v gives the agent FLOTILLA_X=v (settings for variant runs).
         for (k, v) in std::env::vars() {
             if let Some(setting) = k.strip_prefix("BENCH_AGENT_") {
@@ -770,6 +785,25 @@ struct Measured {
     lat_us: Arc<Vec<i64>>,
     /// Latency split at the agent's `at` stamp (agent cases).
     split_us: Arc<Vec<(i64, i64)>>,
+    /// Agent cases: the RSS after the burst was read without the heartbeat that follows it
+    /// (none came within [`HEARTBEAT_WAIT`]), so the agent may not have trimmed yet.
+    no_heartbeat: u64,
+    /// Rounds summarised by [`Measured::median`] (0: one run, or rounds pooled).
+    rounds: usize,
+    /// With `rounds`: the median msgs/s, and the lowest and the highest.
+    rate_median: Option<f64>,
+    rate_range: Option<(f64, f64)>,
+}
+
+/// The median (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 impl Measured {
@@ -803,11 +837,49 @@ impl Measured {
                     .flat_map(|m| m.split_us.iter().copied())
                     .collect(),
             ),
+            no_heartbeat: rounds.iter().map(|m| m.no_heartbeat).sum(),
+            ..Measured::default()
         }
     }
 
+    /// Rounds of one burst case as one row: the median of each rate, latency and CPU figure
+    /// (each on its own), the lowest and highest rate, losses summed, the highest RSS.
+    fn median(rounds: &[Measured]) -> Measured {
+        let med = |f: fn(&Measured) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
+        let rates: Vec<f64> = rounds.iter().map(Measured::rate).collect();
+        let lo = rates.iter().copied().reduce(f64::min);
+        let hi = rates.iter().copied().reduce(f64::max);
+        Measured {
+            received: rounds.iter().map(|m| m.received).sum(),
+            expected: rounds.iter().map(|m| m.expected).sum(),
+            secs: med(|m| Some(m.secs)).unwrap_or(0.0),
+            p50_us: med(|m| m.p50_us),
+            p99_us: med(|m| m.p99_us),
+            relay_cpu_s: med(|m| m.relay_cpu_s),
+            relay_peak_kib: rounds.iter().filter_map(|m| m.relay_peak_kib).max(),
+            relay_after_kib: rounds.iter().filter_map(|m| m.relay_after_kib).max(),
+            nats_cpu_s: med(|m| m.nats_cpu_s),
+            bench_cpu_s: med(|m| m.bench_cpu_s),
+            workers_cpu_s: med(|m| m.workers_cpu_s),
+            agent_drops: rounds.iter().map(|m| m.agent_drops).sum(),
+            slow_consumer: rounds.iter().map(|m| m.slow_consumer).sum(),
+            no_heartbeat: rounds.iter().map(|m| m.no_heartbeat).sum(),
+            rounds: rounds.len(),
+            rate_median: median(rates),
+            rate_range: lo.zip(hi),
+            ..Measured::default()
+        }
+    }
+
+    /// Messages received in one round (the total over the rounds when summarised).
+    fn received_per_round(&self) -> f64 {
+        self.received as f64 / self.rounds.max(1) as f64
+    }
+
     fn rate(&self) -> f64 {
-        if self.secs > 0.0 {
+        if let Some(r) = self.rate_median {
+            r
+        } else if self.secs > 0.0 {
             self.received as f64 / self.secs
         } else {
             0.0
@@ -959,6 +1031,10 @@ impl Bench {
             self_cpu(),
             cpu_of(&pids),
         );
+        // The agent trims its heap at the first heartbeat once its queue is empty: read the RSS
+        // after that heartbeat, not at once.
+        let heartbeat = await_heartbeat(&mut sub, now_us() / 1000).await?;
+        trace(&format!("{app}: heartbeat after the burst: {heartbeat}"));
         let (rss_after, hwm) = mem_kib(self.agent.pid);
         sent.await??;
         let after = agent_stats(&self.ctl).await?;
@@ -985,7 +1061,20 @@ impl Bench {
             slow_consumer: self.slow.load(Ordering::Relaxed) - slow0,
             lat_us: Arc::new(c.lat_us),
             split_us: Arc::new(c.split_us),
+            no_heartbeat: u64::from(!heartbeat),
+            ..Measured::default()
         })
+    }
+
+    /// The agent's RSS once it has had its chance to trim (after its next heartbeat).
+    async fn settled_rss(&self) -> Res<(u64, bool)> {
+        let mut sub = self
+            .subs
+            .subscribe(format!("pm._fleet.{HOST}.host:heartbeat"))
+            .await?;
+        self.subs.flush().await?;
+        let heartbeat = await_heartbeat(&mut sub, now_us() / 1000).await?;
+        Ok((mem_kib(self.agent.pid).0, heartbeat))
     }
 
     /// The same envelopes published straight from this process with async-nats (one client,
@@ -1208,6 +1297,36 @@ impl Bench {
 impl AgentCase<'_> {
     fn spec_is_native(&self) -> bool {
         self.spec.env.contains_key("BENCH_NATIVE_SOURCE")
+    }
+}
+
+/// Longest wait for the heartbeat that follows a burst (the agent's interval is
+/// [`HEARTBEAT_INTERVAL`] unless a variant run sets another).
+const HEARTBEAT_WAIT: Duration = Duration::from_secs(3);
+
+/// Awaits the agent's first heartbeat stamped [`HEARTBEAT_MARGIN_MS`] or more after `after_ms`
+/// (epoch ms), skipping everything else `sub` brings. False when none came within
+/// [`HEARTBEAT_WAIT`] (a variant run with a long interval).
+async fn await_heartbeat(sub: &mut Subscriber, after_ms: u64) -> Res<bool> {
+    let subject = format!("pm._fleet.{HOST}.host:heartbeat");
+    let fut = async {
+        while let Some(m) = sub.next().await {
+            if m.subject.as_str() != subject {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+            if v["at"]
+                .as_u64()
+                .is_some_and(|at| at >= after_ms + HEARTBEAT_MARGIN_MS)
+            {
+                return Ok::<_, BoxError>(());
+            }
+        }
+        Err("subscription ended".into())
+    };
+    match tokio::time::timeout(HEARTBEAT_WAIT, fut).await {
+        Ok(r) => r.map(|()| true),
+        Err(_) => Ok(false),
     }
 }
 
@@ -1656,15 +1775,7 @@ async fn run() -> Res<()> {
     let machine = machine();
     eprintln!("{machine}");
 
-    // 1. The Node IPC ceiling.
-    let ceiling = if want("ceiling") {
-        eprintln!("running: Node IPC ceiling ({NODE_WORKERS} x {NODE_N})");
-        Some(node_ceiling(&dir).await?)
-    } else {
-        None
-    };
-
-    // The agent and its NATS.
+    // The agent and its NATS (idle while the Node ceiling and pm2 run).
     let nats = Nats::start(&dir.join("nats")).await?;
     let slow = Arc::new(AtomicU64::new(0));
     let subs = connect(&nats.url, Some(slow.clone())).await?;
@@ -1682,57 +1793,96 @@ async fn run() -> Res<()> {
         sample: None,
     };
 
-    // 2. The same Node workers through the agent (RSS with them idle is taken before `go`).
-    let node = if want("node") {
-        eprintln!("running: Node workers through the agent ({NODE_WORKERS} x {NODE_N})");
-        let spec = b.node_spec("node");
-        Some(
-            b.agent_case(
-                AgentCase {
-                    app: "node",
-                    spec,
-                    workers: NODE_WORKERS,
-                    per_worker: NODE_N,
-                    rate: 0,
-                },
-                true,
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
-
-    // 3 and 6. Native source through the agent (the 200k burst), then raw async-nats.
-    let native = if want("native") || want("raw") {
-        eprintln!("running: native source through the agent ({NATIVE_WORKERS} x {NATIVE_N})");
-        let spec = b.native_spec("native");
-        Some(
-            b.agent_case(
-                AgentCase {
-                    app: "native",
-                    spec,
-                    workers: NATIVE_WORKERS,
-                    per_worker: NATIVE_N,
-                    rate: 0,
-                },
-                false,
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
+    // 1, 2, 7, 3 and 4: the burst cases, interleaved round by round (each round runs every
+    // case once, in the same order), so drift on the machine hits every case alike.
+    let rounds = knob("BENCH_ROUNDS", ROUNDS).max(1) as usize;
+    let mut burst = Bursts::default();
+    let mut pm2_version = None;
+    let mut pm2_note = None;
+    for round in 1..=rounds {
+        let of = format!("round {round}/{rounds}");
+        if want("ceiling") {
+            eprintln!("running: Node IPC ceiling ({NODE_WORKERS} x {NODE_N}), {of}");
+            burst.ceiling.push(node_ceiling(&dir).await?);
+        }
+        if want("node") {
+            // The agent's RSS with the workers idle is taken before the first `go`.
+            eprintln!("running: Node workers through the agent ({NODE_WORKERS} x {NODE_N}), {of}");
+            let app = format!("node{round}");
+            let spec = b.node_spec(&app);
+            let m = b
+                .agent_case(
+                    AgentCase {
+                        app: &app,
+                        spec,
+                        workers: NODE_WORKERS,
+                        per_worker: NODE_N,
+                        rate: 0,
+                    },
+                    round == 1,
+                )
+                .await?;
+            burst.node.push(m);
+        }
+        if want("pm2") && pm2_note.is_none() {
+            eprintln!("running: pm2 bus ({NODE_WORKERS} x {NODE_N}), if pm2 is installed, {of}");
+            match pm2_case(&dir).await {
+                Ok(Some((m, v))) => {
+                    burst.pm2.push(m);
+                    pm2_version = Some(v);
+                }
+                Ok(None) => pm2_note = Some("not installed".to_string()),
+                Err(e) => pm2_note = Some(format!("failed: {e}")),
+            }
+        }
+        // The native 200k burst through the agent, then raw async-nats publishing the
+        // envelope the agent made (the first round's native run provides it).
+        if want("native") || want("raw") {
+            let app = format!("native{round}");
+            eprintln!(
+                "running: native source through the agent ({NATIVE_WORKERS} x {NATIVE_N}), {of}"
+            );
+            let spec = b.native_spec(&app);
+            let m = b
+                .agent_case(
+                    AgentCase {
+                        app: &app,
+                        spec,
+                        workers: NATIVE_WORKERS,
+                        per_worker: NATIVE_N,
+                        rate: 0,
+                    },
+                    false,
+                )
+                .await?;
+            burst.native.push(m);
+            eprintln!("running: raw async-nats ({NATIVE_WORKERS} x {NATIVE_N}), {of}");
+            let m = b.raw_case(&app, NATIVE_WORKERS, NATIVE_N, 0, false).await?;
+            burst.raw.push(m);
+        }
+        if want("scale") {
+            for (i, w) in SCALE_WORKERS.into_iter().enumerate() {
+                let app = format!("scale{w}r{round}");
+                let per = SCALE_TOTAL / w as u64;
+                eprintln!("running: scaling, {w} native workers x {per}, {of}");
+                let spec = b.native_spec(&app);
+                let m = b
+                    .agent_case(
+                        AgentCase {
+                            app: &app,
+                            spec,
+                            workers: w,
+                            per_worker: per,
+                            rate: 0,
+                        },
+                        false,
+                    )
+                    .await?;
+                burst.scaling[i].push(m);
+            }
+        }
+    }
     let sample_len = b.sample.as_ref().map_or(0, |s| s.len());
-    let raw = if want("raw") || want("native") {
-        eprintln!("running: raw async-nats ({NATIVE_WORKERS} x {NATIVE_N})");
-        Some(
-            b.raw_case("native", NATIVE_WORKERS, NATIVE_N, 0, false)
-                .await?,
-        )
-    } else {
-        None
-    };
     let raw_len = b
         .sample
         .as_ref()
@@ -1763,30 +1913,6 @@ async fn run() -> Res<()> {
         }
     }
 
-    // 4. Scaling.
-    let mut scaling = vec![];
-    if want("scale") {
-        for w in SCALE_WORKERS {
-            let app = format!("scale{w}");
-            let per = SCALE_TOTAL / w as u64;
-            eprintln!("running: scaling, {w} native workers x {per}");
-            let spec = b.native_spec(&app);
-            let m = b
-                .agent_case(
-                    AgentCase {
-                        app: &app,
-                        spec,
-                        workers: w,
-                        per_worker: per,
-                        rate: 0,
-                    },
-                    false,
-                )
-                .await?;
-            scaling.push((w, per, m));
-        }
-    }
-
     // 5. Paced latency.
     let (pw, pr, ps) = (
         knob("BENCH_PACED_WORKERS", PACED_WORKERS) as usize,
@@ -1794,14 +1920,16 @@ async fn run() -> Res<()> {
         knob("BENCH_PACED_SECS", PACED_SECS),
     );
     let paced_n = pr * ps;
-    let rounds = knob("BENCH_PACED_ROUNDS", 3);
+    let paced_rounds = knob("BENCH_PACED_ROUNDS", 3);
     let (mut paced, mut paced_raw, mut paced_via, mut paced_procs) = (None, None, None, None);
     let (mut paced_p99s, mut raw_p99s, mut via_p99s, mut procs_p99s) =
         (vec![], vec![], vec![], vec![]);
     if want("paced") {
         let (mut a, mut r, mut v, mut pp) = (vec![], vec![], vec![], vec![]);
-        for round in 1..=rounds {
-            eprintln!("running: paced {pw} x {pr}/s for {ps} s, agent, round {round}/{rounds}");
+        for round in 1..=paced_rounds {
+            eprintln!(
+                "running: paced {pw} x {pr}/s for {ps} s, agent, round {round}/{paced_rounds}"
+            );
             let app = format!("paced{round}");
             let spec = b.native_spec(&app);
             let m = b
@@ -1819,18 +1947,20 @@ async fn run() -> Res<()> {
             paced_p99s.push(m.p99_us);
             a.push(m);
             if b.sample.is_some() {
-                eprintln!("running: paced {pw} x {pr}/s for {ps} s, raw, round {round}/{rounds}");
+                eprintln!(
+                    "running: paced {pw} x {pr}/s for {ps} s, raw, round {round}/{paced_rounds}"
+                );
                 let m = b.raw_case(&app, pw, paced_n, pr, false).await?;
                 raw_p99s.push(m.p99_us);
                 r.push(m);
                 eprintln!(
-                    "running: paced {pw} x {pr}/s for {ps} s, raw through the agent's Relay, round {round}/{rounds}"
+                    "running: paced {pw} x {pr}/s for {ps} s, raw through the agent's Relay, round {round}/{paced_rounds}"
                 );
                 let m = b.raw_case(&app, pw, paced_n, pr, true).await?;
                 via_p99s.push(m.p99_us);
                 v.push(m);
                 eprintln!(
-                    "running: paced {pw} x {pr}/s for {ps} s, raw from {pw} processes, round {round}/{rounds}"
+                    "running: paced {pw} x {pr}/s for {ps} s, raw from {pw} processes, round {round}/{paced_rounds}"
                 );
                 let m = b.raw_procs_case(&app, pw, paced_n, pr).await?;
                 procs_p99s.push(m.p99_us);
@@ -1861,7 +1991,7 @@ async fn run() -> Res<()> {
     };
 
     let final_stats = agent_stats(&b.ctl).await?;
-    let rss_end = mem_kib(b.agent.pid).0;
+    let (rss_end, end_heartbeat) = b.settled_rss().await?;
     let Bench {
         nats,
         agent,
@@ -1878,18 +2008,13 @@ async fn run() -> Res<()> {
         .map(|s| s.lines().filter(|l| l.contains("WARN")).count())
         .unwrap_or(0);
 
-    // 7. pm2.
-    let pm2 = if want("pm2") {
-        eprintln!("running: pm2 bus ({NODE_WORKERS} x {NODE_N}), if pm2 is installed");
-        match pm2_case(&dir).await {
-            Ok(p) => Some(p.ok_or_else(|| "not installed".to_string())),
-            Err(e) => Some(Err(format!("failed: {e}"))),
-        }
-    } else {
-        None
-    };
-
-    // The table.
+    // The table: the burst cases as medians of their rounds.
+    let med = |v: &[Measured]| (!v.is_empty()).then(|| Measured::median(v));
+    let ceiling = med(&burst.ceiling);
+    let node = med(&burst.node);
+    let pm2 = med(&burst.pm2);
+    let raw = med(&burst.raw);
+    let native = med(&burst.native);
     let c_rate = ceiling.as_ref().map(Measured::rate);
     let r_rate = raw.as_ref().map(Measured::rate);
     let vs = |m: &Measured, base: Option<f64>, of: &'static str| base.map(|b| (m.rate() / b, of));
@@ -1915,15 +2040,16 @@ async fn run() -> Res<()> {
             vs(m, c_rate, "ceiling"),
         );
     }
-    match &pm2 {
-        Some(Ok((m, _))) => add(
+    if let Some(m) = &pm2 {
+        add(
             &mut rows,
             format!("pm2 bus, Node workers ({NODE_WORKERS} x {NODE_N})"),
             m,
             vs(m, c_rate, "ceiling"),
-        ),
-        Some(Err(e)) => rows.push(Row::note("pm2", e)),
-        None => {}
+        );
+    }
+    if let Some(e) = &pm2_note {
+        rows.push(Row::note("pm2", e));
     }
     if let Some(m) = &raw {
         add(
@@ -1949,18 +2075,20 @@ async fn run() -> Res<()> {
             vs(m, r_rate, "raw"),
         );
     }
-    for (w, per, m) in &scaling {
-        add(
-            &mut rows,
-            format!("Flotilla, native scaling {w} x {per}"),
-            m,
-            vs(m, r_rate, "raw"),
-        );
+    for (w, rounds) in SCALE_WORKERS.iter().zip(&burst.scaling) {
+        if let Some(m) = med(rounds) {
+            add(
+                &mut rows,
+                format!("Flotilla, native scaling {w} x {}", SCALE_TOTAL / *w as u64),
+                &m,
+                vs(&m, r_rate, "raw"),
+            );
+        }
     }
     if let Some(m) = &paced_raw {
         add(
             &mut rows,
-            format!("raw async-nats paced {pw} x {pr}/s, {rounds} x {ps} s"),
+            format!("raw async-nats paced {pw} x {pr}/s, {paced_rounds} x {ps} s"),
             m,
             None,
         );
@@ -1968,7 +2096,7 @@ async fn run() -> Res<()> {
     if let Some(m) = &paced_procs {
         add(
             &mut rows,
-            format!("raw paced from {pw} processes, {rounds} x {ps} s"),
+            format!("raw paced from {pw} processes, {paced_rounds} x {ps} s"),
             m,
             None,
         );
@@ -1976,7 +2104,7 @@ async fn run() -> Res<()> {
     if let Some(m) = &paced_via {
         add(
             &mut rows,
-            format!("raw paced through the agent's Relay, {rounds} x {ps} s"),
+            format!("raw paced through the agent's Relay, {paced_rounds} x {ps} s"),
             m,
             None,
         );
@@ -1984,7 +2112,7 @@ async fn run() -> Res<()> {
     if let Some(m) = &paced {
         add(
             &mut rows,
-            format!("Flotilla, native paced {pw} x {pr}/s, {rounds} x {ps} s"),
+            format!("Flotilla, native paced {pw} x {pr}/s, {paced_rounds} x {ps} s"),
             m,
             None,
         );
@@ -2002,13 +2130,17 @@ async fn run() -> Res<()> {
     println!();
     print_table(&rows);
     println!(
-        "('agent' RSS/CPU: the flotilla agent; in the ceiling row the Node parent; in the pm2 row pm2's daemon. RSS peak is VmHWM reset before the burst, except the Node parent's: its lifetime maxRSS.)"
+        "(Rows with a min-max are {rounds} interleaved rounds: msgs/s, p50, p99 and CPU are medians, ratios are between medians, loss is summed over the rounds, RSS is the highest of the rounds. Paced rows are single runs, or rounds pooled.)"
+    );
+    println!(
+        "('agent' RSS/CPU: the flotilla agent; in the ceiling row the Node parent; in the pm2 row pm2's daemon. RSS peak is VmHWM reset before the burst, except the Node parent's: its lifetime maxRSS. The agent's 'after' is read after its first heartbeat following the burst, when it has trimmed its heap.)"
     );
     println!();
     println!(
-        "CPU seconds during each burst (relay = agent, Node parent or pm2 daemon; bench = this process: the subscriber, plus the publisher in raw rows; the pm2 subscriber is a Node process)"
+        "CPU seconds during each burst (medians of the rounds; relay = agent, Node parent or pm2 daemon; bench = this process: the subscriber, plus the publisher in raw rows; the pm2 subscriber is a Node process)"
     );
     print_cpu(&cpu_rows);
+    burst.print_rounds();
 
     // Targets.
     println!();
@@ -2017,17 +2149,19 @@ async fn run() -> Res<()> {
     if let (Some(n), Some(c)) = (&node, c_rate) {
         let r = n.rate() / c;
         println!(
-            "  Flotilla >= 0.9x Node ceiling, zero loss ........ {r:.2}x, loss {} -> {}",
+            "  Flotilla >= 0.9x Node ceiling, zero loss ........ {r:.2}x, loss {} -> {} (per round {})",
             n.loss(),
-            yes(r >= 0.9 && n.loss() == 0)
+            yes(r >= 0.9 && n.loss() == 0),
+            paired(&burst.node, &burst.ceiling)
         );
     }
     if let (Some(n), Some(r)) = (&native, r_rate) {
         let x = n.rate() / r;
         println!(
-            "  native >= 0.8x raw ............................... {x:.2}x (loss {}) -> {}",
+            "  native >= 0.8x raw ............................... {x:.2}x (loss {}) -> {} (per round {})",
             n.loss(),
-            yes(x >= 0.8 && n.loss() == 0)
+            yes(x >= 0.8 && n.loss() == 0),
+            paired(&burst.native, &burst.raw)
         );
     }
     if let (Some(a), Some(r)) = (&paced, &paced_raw)
@@ -2057,11 +2191,22 @@ async fn run() -> Res<()> {
         );
     }
     if let Some(n) = &native {
+        let afters: Vec<String> = burst
+            .native
+            .iter()
+            .map(|m| m.relay_after_kib.map_or("?".into(), mib))
+            .collect();
         println!(
-            "  agent RSS bounded through the 200k burst ......... peak {}, after {}, at the end {}",
+            "  agent RSS bounded through the 200k burst ......... peak {} (highest of {rounds}), after the next heartbeat {} ({}), at the end {}{}",
             n.relay_peak_kib.map_or("?".into(), mib),
             n.relay_after_kib.map_or("?".into(), mib),
-            mib(rss_end)
+            afters.join(", "),
+            mib(rss_end),
+            if end_heartbeat {
+                ""
+            } else {
+                " (no heartbeat came)"
+            }
         );
     }
     let p99s = |v: &[Option<f64>]| v.iter().map(|p| fmt_lat(*p)).collect::<Vec<_>>().join(", ");
@@ -2128,16 +2273,104 @@ async fn run() -> Res<()> {
     }
     println!();
     let slow_total: u64 = cpu_rows.iter().map(|(_, m)| m.slow_consumer).sum();
+    let no_heartbeat: u64 = cpu_rows.iter().map(|(_, m)| m.no_heartbeat).sum();
     println!(
         "envelope bytes: agent {sample_len}, raw {raw_len}; channel line 400 bytes; agent totals: relayed {}, dropped {}, ipc_errors {}; agent log warnings: {warnings}; subscriber slow-consumer events: {slow_total}",
         final_stats.relayed, final_stats.dropped, final_stats.ipc_errors,
     );
-    if let Some(Ok((_, v))) = &pm2 {
+    let interval = std::env::var("BENCH_AGENT_FLOTILLA_HEARTBEAT_INTERVAL")
+        .unwrap_or_else(|_| HEARTBEAT_INTERVAL.into());
+    println!(
+        "agent heartbeat interval {interval}; RSS 'after' read without a following heartbeat: {no_heartbeat} times"
+    );
+    if let Some(v) = &pm2_version {
         println!(
             "pm2 {v}: `pm2 start worker.js -i {NODE_WORKERS}` (cluster mode), subscriber `launchBus`"
         );
     }
     stopped
+}
+
+/// Every round of each burst case, in run order.
+struct Bursts {
+    ceiling: Vec<Measured>,
+    node: Vec<Measured>,
+    pm2: Vec<Measured>,
+    native: Vec<Measured>,
+    raw: Vec<Measured>,
+    /// Per entry of [`SCALE_WORKERS`].
+    scaling: Vec<Vec<Measured>>,
+}
+
+impl Default for Bursts {
+    fn default() -> Bursts {
+        Bursts {
+            ceiling: vec![],
+            node: vec![],
+            pm2: vec![],
+            native: vec![],
+            raw: vec![],
+            scaling: vec![vec![]; SCALE_WORKERS.len()],
+        }
+    }
+}
+
+impl Bursts {
+    /// msgs/s of every round, and each round's ratio to the same round's baseline.
+    fn print_rounds(&self) {
+        if self.ceiling.len() + self.node.len() + self.native.len() + self.raw.len() == 0 {
+            return;
+        }
+        println!();
+        println!(
+            "Burst rounds in run order (msgs/s; a ratio is to the same round's ceiling or raw):"
+        );
+        let rates = |v: &[Measured], base: &[Measured]| {
+            v.iter()
+                .enumerate()
+                .map(|(i, m)| match base.get(i) {
+                    Some(b) if b.rate() > 0.0 => {
+                        format!("{} ({:.2}x)", fmt_rate(m.rate()), m.rate() / b.rate())
+                    }
+                    _ => fmt_rate(m.rate()),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut lines = vec![
+            ("Node IPC ceiling".to_string(), rates(&self.ceiling, &[])),
+            (
+                "Flotilla, Node workers".into(),
+                rates(&self.node, &self.ceiling),
+            ),
+            ("pm2 bus".into(), rates(&self.pm2, &self.ceiling)),
+            ("raw async-nats".into(), rates(&self.raw, &[])),
+            (
+                "Flotilla, native 200k burst".into(),
+                rates(&self.native, &self.raw),
+            ),
+        ];
+        for (w, v) in SCALE_WORKERS.iter().zip(&self.scaling) {
+            lines.push((
+                format!("scaling {w} x {}", SCALE_TOTAL / *w as u64),
+                rates(v, &self.raw),
+            ));
+        }
+        let width = lines.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        for (name, r) in lines.into_iter().filter(|(_, r)| !r.is_empty()) {
+            println!("  {name:width$}  {r}");
+        }
+    }
+}
+
+/// Each round's ratio of `v` to the same round of `base`, e.g. "0.66x, 0.71x, 0.62x".
+fn paired(v: &[Measured], base: &[Measured]) -> String {
+    v.iter()
+        .zip(base)
+        .filter(|(_, b)| b.rate() > 0.0)
+        .map(|(m, b)| format!("{:.2}x", m.rate() / b.rate()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn machine() -> String {
@@ -2174,7 +2407,7 @@ fn machine() -> String {
 // Printing.
 
 struct Row {
-    cells: [String; 8],
+    cells: [String; 9],
 }
 
 fn mib(kib: u64) -> String {
@@ -2226,7 +2459,7 @@ impl Row {
         };
         let cpu = match m.relay_cpu_s {
             Some(c) if m.received > 0 => {
-                format!("{c:.2} s ({:.1} us/msg)", c * 1e6 / m.received as f64)
+                format!("{c:.2} s ({:.1} us/msg)", c * 1e6 / m.received_per_round())
             }
             Some(c) => format!("{c:.2} s"),
             None => "-".into(),
@@ -2235,6 +2468,9 @@ impl Row {
             cells: [
                 case.to_string(),
                 fmt_rate(m.rate()),
+                m.rate_range.map_or("-".into(), |(lo, hi)| {
+                    format!("{}-{}", fmt_rate(lo), fmt_rate(hi))
+                }),
                 ratio.map_or("-".into(), |(r, of)| format!("{r:.2}x {of}")),
                 loss_s,
                 fmt_lat(m.p50_us),
@@ -2250,6 +2486,7 @@ impl Row {
             cells: [
                 case.to_string(),
                 text.to_string(),
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -2315,6 +2552,7 @@ fn print_table(rows: &[Row]) {
         &[
             "case",
             "msgs/s",
+            "min-max msgs/s",
             "ratio",
             "loss",
             "p50",
@@ -2323,7 +2561,7 @@ fn print_table(rows: &[Row]) {
             "agent CPU",
         ],
         &rows.iter().map(|r| r.cells.to_vec()).collect::<Vec<_>>(),
-        &[false, true, true, false, true, true, true, false],
+        &[false, true, true, true, false, true, true, true, false],
     );
 }
 
