@@ -1057,7 +1057,7 @@ impl Bench {
             nats_cpu_s: Some(nats1 - nats0),
             bench_cpu_s: Some(self1 - self0),
             workers_cpu_s: Some(workers1 - workers0),
-            agent_drops: Some(after.dropped - before.dropped),
+            agent_drops: Some(after.counters.dropped - before.counters.dropped),
             slow_consumer: self.slow.load(Ordering::Relaxed) - slow0,
             lat_us: Arc::new(c.lat_us),
             split_us: Arc::new(c.split_us),
@@ -1148,8 +1148,8 @@ impl Bench {
                             Some(r) => {
                                 let (id, payload) = t.payload(i);
                                 let subject = subject.clone();
-                                h.block_on(r.relay(Outgoing::new(subject, id, payload), &dropping))
-                                    .is_ok()
+                                let mut one = vec![Outgoing::new(subject, id, payload)];
+                                h.block_on(r.relay_batch(&mut one, &dropping)) == 0
                             }
                             None => {
                                 let (headers, payload) = t.message(i);
@@ -1676,9 +1676,10 @@ fn stages(url: String, lines: u64) -> Res<Stages> {
                     out.extend(worker.message(&c));
                 }
             });
-            for o in out.drain(..) {
-                fed += u64::from(worker.push(o).await);
-            }
+            let queued = out.len() as u64;
+            let dropped_before = worker.dropped();
+            worker.push(&mut out).await;
+            fed += queued - (worker.dropped() - dropped_before);
             read += t.elapsed().as_secs_f64();
             let t = Instant::now();
             // Lets the publisher run (same thread) until it has published every queued line.
@@ -2276,7 +2277,7 @@ async fn run() -> Res<()> {
     let no_heartbeat: u64 = cpu_rows.iter().map(|(_, m)| m.no_heartbeat).sum();
     println!(
         "envelope bytes: agent {sample_len}, raw {raw_len}; channel line 400 bytes; agent totals: relayed {}, dropped {}, ipc_errors {}; agent log warnings: {warnings}; subscriber slow-consumer events: {slow_total}",
-        final_stats.relayed, final_stats.dropped, final_stats.ipc_errors,
+        final_stats.counters.relayed, final_stats.counters.dropped, final_stats.counters.ipc_errors,
     );
     let interval = std::env::var("BENCH_AGENT_FLOTILLA_HEARTBEAT_INTERVAL")
         .unwrap_or_else(|_| HEARTBEAT_INTERVAL.into());

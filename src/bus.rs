@@ -216,6 +216,7 @@ struct Inner {
     bytes: Arc<Semaphore>,
     max_bytes: u32,
     max_wait: Duration,
+    chunk: usize,
     relayed: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
@@ -275,6 +276,7 @@ impl Relay {
             bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
             max_wait: limits.max_wait,
+            chunk: ((capacity - reserve) / 4).max(1),
             relayed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -285,49 +287,77 @@ impl Relay {
         Relay { inner }
     }
 
-    /// Queues a worker message. While the publisher keeps up this waits for room, up to
-    /// `max_wait` (backpressure: the worker's channel is read more slowly, nothing is lost);
-    /// when the wait runs out (NATS down or stalled) the message is dropped and counted, and
+    /// Queues worker messages, in order. While the publisher keeps up this waits for room, up
+    /// to `max_wait` (backpressure: the worker's channel is read more slowly, nothing is lost);
+    /// when the wait runs out (NATS down or stalled) the messages are dropped and counted, and
     /// `dropping` is set so this source's next messages are dropped at once instead of waiting
-    /// again, until there is room again.
-    pub async fn relay(&self, mut msg: Outgoing, dropping: &AtomicBool) -> Result<(), Dropped> {
+    /// again, until there is room again. Room is taken for a chunk of messages at a time, so a
+    /// waiting reader wakes once per chunk, not once per message. Returns how many were dropped.
+    pub async fn relay_batch(&self, msgs: &mut Vec<Outgoing>, dropping: &AtomicBool) -> u64 {
         let i = &self.inner;
-        let len = (msg.payload.len() as u64).clamp(1, i.max_bytes as u64) as u32;
-        let room = if dropping.load(Ordering::Relaxed) {
-            self.try_room(len)
-        } else {
-            match self.try_room(len) {
-                Some(r) => Some(r),
-                None => {
-                    let wait = async {
-                        let slot = i.slots.clone().acquire_owned().await.ok()?;
-                        let bytes = i.bytes.clone().acquire_many_owned(len).await.ok()?;
-                        Some(Room {
-                            _slot: slot,
-                            _bytes: bytes,
-                        })
-                    };
-                    tokio::time::timeout(i.max_wait, wait).await.ok().flatten()
+        let size = |m: &Outgoing| (m.payload.len() as u64).clamp(1, i.max_bytes as u64) as u32;
+        let mut dropped = 0;
+        let mut rest = msgs.drain(..).peekable();
+        while rest.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0u32;
+            while let Some(m) = rest.peek() {
+                let len = size(m);
+                if !chunk.is_empty()
+                    && (chunk.len() >= i.chunk || bytes as u64 + len as u64 > i.max_bytes as u64)
+                {
+                    break;
+                }
+                bytes += len;
+                chunk.extend(rest.next());
+            }
+            let n = chunk.len() as u32;
+            let room = if dropping.load(Ordering::Relaxed) {
+                self.try_room(n, bytes)
+            } else {
+                match self.try_room(n, bytes) {
+                    Some(r) => Some(r),
+                    None => {
+                        let wait = async {
+                            let slots = i.slots.clone().acquire_many_owned(n).await.ok()?;
+                            let b = i.bytes.clone().acquire_many_owned(bytes).await.ok()?;
+                            Some((slots, b))
+                        };
+                        tokio::time::timeout(i.max_wait, wait).await.ok().flatten()
+                    }
+                }
+            };
+            let Some((mut slots, mut room_bytes)) = room else {
+                dropping.store(true, Ordering::Relaxed);
+                for _ in 0..n {
+                    self.count_drop(Dropped::Full);
+                }
+                dropped += n as u64;
+                continue;
+            };
+            dropping.store(false, Ordering::Relaxed);
+            for mut m in chunk {
+                let len = size(&m) as usize;
+                m.room = match (slots.split(1), room_bytes.split(len)) {
+                    (Some(slot), Some(b)) => Some(Room {
+                        _slot: slot,
+                        _bytes: b,
+                    }),
+                    _ => None, // cannot happen: the chunk's room was counted from these sizes
+                };
+                if self.push(m).is_err() {
+                    dropped += 1;
                 }
             }
-        };
-        let Some(room) = room else {
-            dropping.store(true, Ordering::Relaxed);
-            return Err(self.count_drop(Dropped::Full));
-        };
-        dropping.store(false, Ordering::Relaxed);
-        msg.room = Some(room);
-        self.push(msg)
+        }
+        dropped
     }
 
-    fn try_room(&self, len: u32) -> Option<Room> {
+    fn try_room(&self, n: u32, bytes: u32) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
         let i = &self.inner;
-        let slot = i.slots.clone().try_acquire_owned().ok()?;
-        let bytes = i.bytes.clone().try_acquire_many_owned(len).ok()?;
-        Some(Room {
-            _slot: slot,
-            _bytes: bytes,
-        })
+        let slots = i.slots.clone().try_acquire_many_owned(n).ok()?;
+        let b = i.bytes.clone().try_acquire_many_owned(bytes).ok()?;
+        Some((slots, b))
     }
 
     /// Queues a lifecycle event or heartbeat (never waits); it may use the reserved part of

@@ -131,8 +131,8 @@ async fn node_workers_messages_logs_and_lifecycle_reach_nats_with_metadata() {
             .all(|p| p.meta.status == Status::Online && p.memory > 0)
     );
     let stats = list.agent.unwrap();
-    assert!(stats.relayed > 10);
-    assert_eq!(stats.dropped, 0);
+    assert!(stats.counters.relayed > 10);
+    assert_eq!(stats.counters.dropped, 0);
 
     // stop: exit + stop events, status stopped
     let reply = request(&client, "web-1", targeted("stop", "api")).await;
@@ -650,7 +650,7 @@ async fn nats_outage_drops_are_counted_and_reported_and_workers_keep_running() {
     assert_eq!(p.meta.status, Status::Online);
     assert_eq!(p.meta.pid as i32, pid, "the same worker kept running");
     assert!(p.dropped > 0);
-    assert!(list.agent.unwrap().dropped >= p.dropped);
+    assert!(list.agent.unwrap().counters.dropped >= p.dropped);
     agent.stop().await.unwrap();
 }
 

@@ -198,7 +198,6 @@ async fn heartbeats(
         };
         meter.update(0);
         let h = stats::host();
-        let rs = relay.stats();
         let id = Uuid::new_v4();
         let hb = Heartbeat {
             at: now_ms(),
@@ -215,9 +214,7 @@ async fn heartbeats(
             cpus: h.cpus,
             mem_total: h.mem_total,
             mem_available: h.mem_available,
-            relayed: rs.relayed,
-            dropped: rs.dropped,
-            ipc_errors: hub.ipc_errors(),
+            counters: hub.counters(),
             dropped_by_process: summary.dropped_by_process,
         };
         let _ = relay.send_event(Outgoing::new(
@@ -231,20 +228,30 @@ async fn heartbeats(
 }
 
 /// Gives memory back to the OS after a burst: the allocator keeps freed envelopes otherwise,
-/// and the agent's RSS would stay at its peak (BENCHMARKS.md).
+/// and the agent's RSS would stay at its peak (BENCHMARKS.md). It trims at a heartbeat that
+/// finds the queue empty after a busy spell, and again at the first quiet one after that.
 #[derive(Default)]
 struct Trim {
-    relayed_at_last: u64,
+    relayed_at_last_tick: u64,
+    relayed_at_last_trim: u64,
 }
 
 impl Trim {
-    /// Messages relayed since the last trim that make another one worth it (~10 MB of envelopes).
-    const AFTER: u64 = 16_384;
+    /// Messages relayed since the last trim that make another one worth it (a few MB).
+    const AFTER: u64 = 4096;
+    /// At most this many messages between two heartbeats count as quiet.
+    const QUIET: u64 = 64;
 
     fn after_burst(&mut self, relay: &Relay) {
         let relayed = relay.stats().relayed;
-        if relay.queued() == 0 && relayed.saturating_sub(self.relayed_at_last) >= Self::AFTER {
-            self.relayed_at_last = relayed;
+        let empty = relay.queued() == 0;
+        let quiet = empty && relayed - self.relayed_at_last_tick <= Self::QUIET;
+        let since_trim = relayed - self.relayed_at_last_trim;
+        self.relayed_at_last_tick = relayed;
+        // Empty after a lot, or quiet after more than a little (the tail of a burst that a
+        // trim in its middle left behind).
+        if (empty && since_trim >= Self::AFTER) || (quiet && since_trim > Self::QUIET) {
+            self.relayed_at_last_trim = relayed;
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only asks glibc to release free heap pages; no pointers are
             // involved and it is safe to call at any time from any thread.

@@ -97,15 +97,12 @@ impl WorkerRelay {
         self.build(t, Some(&data), None, None)
     }
 
-    /// Queues a worker message or log line: waits for room while NATS keeps up, drops and
-    /// counts when it does not (see [`Relay::relay`]). Returns false if dropped.
-    pub async fn push(&self, out: Outgoing) -> bool {
-        match self.relay.relay(out, &self.dropping).await {
-            Ok(()) => true,
-            Err(_) => {
-                self.count_drop();
-                false
-            }
+    /// Queues worker messages and log lines, in order (the vector is emptied): waits for room
+    /// while NATS keeps up, drops and counts when it does not (see [`Relay::relay_batch`]).
+    pub async fn push(&self, out: &mut Vec<Outgoing>) {
+        let dropped = self.relay.relay_batch(out, &self.dropping).await;
+        for _ in 0..dropped {
+            self.count_drop();
         }
     }
 
@@ -307,6 +304,16 @@ impl RelayHub {
     pub fn ipc_errors(&self) -> u64 {
         self.ipc_errors_total.load(Ordering::Relaxed)
             + self.live().iter().map(|w| w.ipc_errors()).sum::<u64>()
+    }
+
+    /// The agent's relay counters.
+    pub fn counters(&self) -> crate::protocol::fleet::RelayCounters {
+        let s = self.relay.stats();
+        crate::protocol::fleet::RelayCounters {
+            relayed: s.relayed,
+            dropped: s.dropped,
+            ipc_errors: self.ipc_errors(),
+        }
     }
 
     /// Keeps a deleted worker's error count in the totals.

@@ -311,9 +311,7 @@ impl Supervisor {
         AgentStats {
             host: self.cfg.host.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            relayed: s.relayed,
-            dropped: s.dropped,
-            ipc_errors: self.cfg.hub.ipc_errors(),
+            counters: self.cfg.hub.counters(),
             queued: s.queued,
             max_message: self.cfg.hub.max_message() as u64,
         }

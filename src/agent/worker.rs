@@ -164,14 +164,11 @@ async fn log_pump(
             pending = tail;
         }
         br.consume(n);
-        for o in out.drain(..) {
-            relay.push(o).await;
-        }
+        relay.push(&mut out).await;
     }
-    if !pending.is_empty()
-        && let Some(o) = line_out(&relay, t, &pending)
-    {
-        relay.push(o).await;
+    if !pending.is_empty() {
+        out.extend(line_out(&relay, t, &pending));
+        relay.push(&mut out).await;
     }
     if let Some(mut f) = file {
         let _ = f.flush().await;
@@ -255,9 +252,7 @@ async fn ipc_pump(
             .await;
         // Queue what this read brought, in order; while NATS keeps up this may wait for room,
         // and the channel is read again only then (backpressure instead of loss).
-        for o in out.drain(..) {
-            relay.push(o).await;
-        }
+        relay.push(&mut out).await;
         if ready {
             let _ = events.send(WorkerEvent::Ready { pm_id, run_gen }).await;
         }

@@ -551,15 +551,9 @@ pub struct AgentStats {
     pub host: String,
     /// Version of the agent.
     pub version: String,
-    /// Messages relayed since start.
-    #[serde(default)]
-    pub relayed: u64,
-    /// Messages dropped since start (queue full while NATS was slow or down).
-    #[serde(default)]
-    pub dropped: u64,
-    /// Malformed or oversized worker lines since start.
-    #[serde(default)]
-    pub ipc_errors: u64,
+    /// Relay counters since the agent started.
+    #[serde(flatten)]
+    pub counters: super::fleet::RelayCounters,
     /// Messages waiting in the relay queue now.
     #[serde(default)]
     pub queued: u64,

@@ -4,6 +4,20 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
+/// An agent's relay counters since it started (in heartbeats and `list` replies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayCounters {
+    /// Messages published.
+    #[serde(default)]
+    pub relayed: u64,
+    /// Messages dropped (no room in the queue within `relay.max_wait`: NATS down or stalled).
+    #[serde(default)]
+    pub dropped: u64,
+    /// Malformed or oversized worker lines.
+    #[serde(default)]
+    pub ipc_errors: u64,
+}
+
 /// `pm._fleet.<host>.host:heartbeat`, every `heartbeat_interval`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -45,15 +59,9 @@ pub struct Heartbeat {
     /// Host memory available, bytes.
     #[serde(default)]
     pub mem_available: u64,
-    /// Messages relayed since the agent started.
-    #[serde(default)]
-    pub relayed: u64,
-    /// Messages dropped since the agent started.
-    #[serde(default)]
-    pub dropped: u64,
-    /// Malformed or oversized worker lines since the agent started.
-    #[serde(default)]
-    pub ipc_errors: u64,
+    /// The agent's relay counters.
+    #[serde(flatten)]
+    pub counters: RelayCounters,
     /// Dropped count per pm_id (only processes with drops).
     #[serde(default)]
     pub dropped_by_process: BTreeMap<u32, u64>,
