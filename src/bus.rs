@@ -329,9 +329,7 @@ impl Relay {
             };
             let Some((mut slots, mut room_bytes)) = room else {
                 dropping.store(true, Ordering::Relaxed);
-                for _ in 0..n {
-                    self.count_drop(Dropped::Full);
-                }
+                self.count_drops(n as u64);
                 dropped += n as u64;
                 continue;
             };
@@ -375,9 +373,13 @@ impl Relay {
     }
 
     fn count_drop(&self, why: Dropped) -> Dropped {
-        self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-        self.inner.drops_pending.store(true, Ordering::Release);
+        self.count_drops(1);
         why
+    }
+
+    fn count_drops(&self, n: u64) {
+        self.inner.dropped.fetch_add(n, Ordering::Relaxed);
+        self.inner.drops_pending.store(true, Ordering::Release);
     }
 
     /// True once, after drops, when the queue has drained below half again: the moment to

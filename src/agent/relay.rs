@@ -101,8 +101,8 @@ impl WorkerRelay {
     /// while NATS keeps up, drops and counts when it does not (see [`Relay::relay_batch`]).
     pub async fn push(&self, out: &mut Vec<Outgoing>) {
         let dropped = self.relay.relay_batch(out, &self.dropping).await;
-        for _ in 0..dropped {
-            self.count_drop();
+        if dropped > 0 {
+            self.count_drops(dropped);
         }
     }
 
@@ -148,7 +148,11 @@ impl WorkerRelay {
     }
 
     fn count_drop(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.count_drops(1);
+    }
+
+    fn count_drops(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
         let now = now_ms();
         let mut f = lock(&self.faults);
         let w = f.pending_drops.get_or_insert(DropWindow {
@@ -156,7 +160,7 @@ impl WorkerRelay {
             since: now,
             until: now,
         });
-        w.count += 1;
+        w.count += n;
         w.until = now;
     }
 
