@@ -87,4 +87,5 @@ impl Cli {
     }
 }
 pub mod ctl;
+pub mod ecosystem;
 pub mod events;
