@@ -432,6 +432,12 @@ async fn bad_requests_get_precise_errors_and_disturb_nothing() {
     );
     let e = err(request(&client, "h", start(spec("api", "chatty.js"))).await);
     assert_eq!(e.kind, ErrorKind::AlreadyRunning);
+    let mut s = spec("dup", "chatty.js");
+    s.instances = Some(2);
+    s.pm_ids = vec![5, 5];
+    let e = err(request(&client, "h", start(s)).await);
+    assert_eq!(e.kind, ErrorKind::InvalidValue);
+    assert!(e.message.contains("same id twice"), "{e}");
     let e = err(request(&client, "h", targeted("stop", "nope")).await);
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("'nope'"), "{e}");
@@ -813,5 +819,33 @@ async fn a_handle_sent_by_a_node_worker_is_acknowledged_and_its_message_relayed(
     .await;
     let list = request(&client, "h", targeted("list", "hdl")).await;
     assert_eq!(list.processes[0].ipc_errors, 0);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_arriving_during_a_delete_does_not_resurrect_the_process() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.stubborn.>").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let mut s = spec("stubborn", "stubborn.sh");
+    s.kill_timeout = Duration::from_millis(300); // it ignores SIGINT: the delete takes 300 ms
+    request(&client, "h", start(s)).await;
+    w.until("started", |s| s.subject.ends_with("log:out")).await;
+    let (del, rst) = tokio::join!(
+        request(&client, "h", targeted("delete", "stubborn")),
+        request(&client, "h", targeted("restart", "all")),
+    );
+    assert!(del.error.is_none(), "{del:?}");
+    assert_eq!(del.changes[0].what, "deleted");
+    assert_eq!(
+        rst.changes
+            .iter()
+            .map(|c| c.what.as_str())
+            .collect::<Vec<_>>(),
+        vec!["deleted"]
+    );
+    let list = request(&client, "h", targeted("list", "all")).await;
+    assert!(list.processes.is_empty(), "{:?}", list.processes);
     agent.stop().await.unwrap();
 }

@@ -18,6 +18,8 @@ use uuid::Uuid;
 
 /// Replies remembered for repeated request ids.
 const REMEMBERED: usize = 4096;
+/// Longest a reply may wait for the NATS client.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Requests handled at once.
 const CONCURRENT: usize = 64;
 
@@ -85,7 +87,9 @@ pub async fn serve(
                     drop(permit);
                 });
             }
-            let _ = sub.unsubscribe().await;
+            // Dropping unsubscribes without waiting: `unsubscribe().await` would block on a
+            // full client queue while NATS is down, and with it the agent's shutdown.
+            drop(sub);
         }
     });
     Ok(())
@@ -137,8 +141,14 @@ async fn handle(
             }
         }
     };
-    if let Err(e) = client.publish(reply_to, bytes).await {
-        tracing::warn!("could not send a reply: {e}");
+    // Bounded: while NATS is down the client's queue may be full, and a reply nobody can
+    // receive must not hold up the agent (or its shutdown).
+    match tokio::time::timeout(REPLY_TIMEOUT, client.publish(reply_to, bytes)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("could not send a reply: {e}"),
+        Err(_) => tracing::warn!(
+            "could not send a reply within {REPLY_TIMEOUT:?}: NATS is not taking messages"
+        ),
     }
 }
 

@@ -139,6 +139,21 @@ impl LineReader {
         }
     }
 
+    /// At end of stream: a last line without its newline is still a line (or an oversized
+    /// one), not silently lost.
+    pub fn finish(&mut self, mut out: impl FnMut(Frame<'_>, &mut VecDeque<OwnedFd>)) {
+        let partial = self.end - self.start;
+        if let Some(skipped) = self.skipping.take() {
+            out(Frame::Oversized(skipped + partial), &mut self.fds);
+        } else if partial > self.max_line {
+            out(Frame::Oversized(partial), &mut self.fds);
+        } else if partial > 0 {
+            out(Frame::Line(&self.buf[self.start..self.end]), &mut self.fds);
+        }
+        self.start = 0;
+        self.end = 0;
+    }
+
     /// Feeds bytes from a slice (tests, and non-socket sources).
     pub fn feed(
         &mut self,
@@ -158,7 +173,7 @@ impl LineReader {
     pub async fn read(
         &mut self,
         ch: &Channel,
-        out: impl FnMut(Frame<'_>, &mut VecDeque<OwnedFd>),
+        mut out: impl FnMut(Frame<'_>, &mut VecDeque<OwnedFd>),
     ) -> io::Result<bool> {
         loop {
             let mut guard = ch.readable().await?;
@@ -166,7 +181,10 @@ impl LineReader {
             let spare = self.spare();
             let res = guard.try_io(|_| recv_with_fds(fd, spare));
             match res {
-                Ok(Ok((0, _))) => return Ok(false),
+                Ok(Ok((0, _))) => {
+                    self.finish(&mut out);
+                    return Ok(false);
+                }
                 Ok(Ok((n, fds))) => {
                     for f in fds {
                         if self.fds.len() < MAX_HELD_FDS {
@@ -177,7 +195,10 @@ impl LineReader {
                     return Ok(true);
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(false),
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                    self.finish(&mut out);
+                    return Ok(false);
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
@@ -186,7 +207,9 @@ impl LineReader {
 }
 
 fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
+    // Room for the kernel's maximum (SCM_MAX_FD = 253): with less, a worker sending more fds
+    // at once would have them installed, truncated from the control data, and leaked.
+    let mut cmsg = nix::cmsg_space!([RawFd; 253]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
     let mut fds = Vec::new();
@@ -297,6 +320,18 @@ mod tests {
         assert_eq!(got, vec!["\"ok\"", "<oversized 400004>", "\"after\""]);
         let got = collect(&mut r, &[b"01234567890123\n\"short\"\n"]);
         assert_eq!(got, vec!["<oversized 14>", "\"short\""]);
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_kept() {
+        let mut r = LineReader::new(100);
+        let mut got = collect(&mut r, &[b"\"a\"\n\"tail\""]);
+        r.finish(|f, _| {
+            if let Frame::Line(l) = f {
+                got.push(String::from_utf8_lossy(l).into_owned());
+            }
+        });
+        assert_eq!(got, vec!["\"a\"", "\"tail\""]);
     }
 
     #[test]

@@ -65,7 +65,10 @@ impl RestartState {
         let stop_code = exit_code.is_some_and(|c| spec.stop_exit_codes.0.contains(&c));
         let uptime = now.saturating_duration_since(self.started_at);
         if let Some(created) = self.created_at
-            && now.saturating_duration_since(created) < spec.min_uptime * spec.max_restarts
+            && spec
+                .min_uptime
+                .checked_mul(spec.max_restarts)
+                .is_none_or(|window| now.saturating_duration_since(created) < window)
             && uptime < spec.min_uptime
         {
             self.unstable_restarts += 1;
@@ -220,6 +223,20 @@ mod tests {
         let d2 = st.on_exit(Instant::now(), Some(1), &s);
         assert_eq!(d1, Decision::Restart(Duration::from_millis(20_000)));
         assert_eq!(d2, Decision::Restart(BACKOFF_CAP));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn huge_settings_do_not_overflow() {
+        let mut s = spec();
+        s.min_uptime = Duration::from_millis(crate::protocol::duration::MAX_MS);
+        s.max_restarts = u32::MAX;
+        let mut st = RestartState::new(Instant::now());
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(
+            st.on_exit(Instant::now(), Some(1), &s),
+            Decision::Restart(Duration::ZERO)
+        );
+        assert_eq!(st.unstable_restarts, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -106,6 +106,9 @@ fn shutting_down(id: Uuid, host: &str) -> Reply {
     )
 }
 
+/// The change word of a restart whose new run could not be spawned.
+const NOT_RESTARTED: &str = "not restarted: spawn failed";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AfterStop {
     Nothing,
@@ -143,7 +146,6 @@ struct Op {
     reply: oneshot::Sender<Reply>,
     waiting: BTreeSet<u32>,
     changes: Vec<Change>,
-    done_word: &'static str,
 }
 
 struct Supervisor {
@@ -177,6 +179,22 @@ pub fn start(cfg: SupervisorConfig) -> SupervisorHandle {
     };
     tracker.spawn(sup.run(rx, wtx));
     SupervisorHandle { tx }
+}
+
+/// Sends `msg` back to the supervisor at `at`, unless the agent finishes shutting down first
+/// (a stale timer must not hold shutdown up: a 5-minute restart delay would).
+fn schedule(
+    tracker: &TaskTracker,
+    cancel: &tokio_util::sync::CancellationToken,
+    tx: &mpsc::Sender<Msg>,
+    at: Instant,
+    msg: Msg,
+) {
+    let tx = tx.clone();
+    tracker.spawn(cancel.clone().run_until_cancelled_owned(async move {
+        tokio::time::sleep_until(at).await;
+        let _ = tx.send(msg).await;
+    }));
 }
 
 async fn forward(mut rx: mpsc::Receiver<WorkerEvent>, tx: mpsc::Sender<Msg>) {
@@ -446,7 +464,18 @@ impl Supervisor {
             return Ok(reply);
         }
         let ids: Vec<u32> = if spec.pm_ids.is_empty() {
-            (0..instances).map(|i| self.next_pm_id + i).collect()
+            // Lowest free ids from the counter on (controller-chosen ids may sit above it).
+            let mut ids = Vec::with_capacity(instances as usize);
+            let mut next = self.next_pm_id;
+            while ids.len() < instances as usize {
+                if !self.procs.contains_key(&next) {
+                    ids.push(next);
+                }
+                next = next.checked_add(1).ok_or_else(|| {
+                    ControlError::new(ErrorKind::InvalidValue, "no pm_id is left on this agent")
+                })?;
+            }
+            ids
         } else {
             if spec.pm_ids.len() != instances as usize {
                 return Err(ControlError::new(
@@ -455,6 +484,13 @@ impl Supervisor {
                         "pm_ids has {} ids for {instances} instances",
                         spec.pm_ids.len()
                     ),
+                ));
+            }
+            let distinct: std::collections::BTreeSet<u32> = spec.pm_ids.iter().copied().collect();
+            if distinct.len() != spec.pm_ids.len() {
+                return Err(ControlError::new(
+                    ErrorKind::InvalidValue,
+                    "pm_ids has the same id twice: each instance needs its own",
                 ));
             }
             if let Some(taken) = spec.pm_ids.iter().find(|id| self.procs.contains_key(id)) {
@@ -476,7 +512,7 @@ impl Supervisor {
             )
         })?;
         for (i, &pm_id) in ids.iter().enumerate() {
-            self.next_pm_id = self.next_pm_id.max(pm_id + 1);
+            self.next_pm_id = self.next_pm_id.max(pm_id.saturating_add(1));
             let meta = ProcessMeta {
                 pm_id,
                 name: app.name().into(),
@@ -602,10 +638,13 @@ impl Supervisor {
                     p.meta.status = Status::Launching;
                     p.relay.set_meta(&p.meta);
                     let (run_gen, d) = (p.run_gen, p.spec.listen_timeout);
-                    tracker.spawn(async move {
-                        tokio::time::sleep(d).await;
-                        let _ = self_tx.send(Msg::ReadyTimeout { pm_id, run_gen }).await;
-                    });
+                    schedule(
+                        &tracker,
+                        &cancel,
+                        &self_tx,
+                        Instant::now() + d,
+                        Msg::ReadyTimeout { pm_id, run_gen },
+                    );
                 } else {
                     p.meta.status = Status::Online;
                     p.relay.set_meta(&p.meta);
@@ -675,9 +714,14 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return false;
         };
-        if after != AfterStop::Nothing || p.after_stop == AfterStop::Nothing {
-            p.after_stop = after;
-        }
+        // What happens after the exit, when requests overlap: a delete always wins; a restart
+        // does not undo a delete; a user's stop cancels a pending restart.
+        p.after_stop = match (p.after_stop, after) {
+            (_, AfterStop::Delete) | (AfterStop::Delete, _) => AfterStop::Delete,
+            (_, AfterStop::Restart) => AfterStop::Restart,
+            (AfterStop::Restart, AfterStop::Nothing) if op.is_none() => AfterStop::Restart,
+            (_, AfterStop::Nothing) => AfterStop::Nothing,
+        };
         match p.meta.status {
             Status::Launching | Status::Online => {
                 p.meta.status = Status::Stopping;
@@ -691,10 +735,13 @@ impl Supervisor {
                     run.stop_deadline = Some(deadline);
                 }
                 let run_gen = p.run_gen;
-                tracker.spawn(async move {
-                    tokio::time::sleep_until(deadline).await;
-                    let _ = self_tx.send(Msg::KillTimeout { pm_id, run_gen }).await;
-                });
+                schedule(
+                    &tracker,
+                    &self.cfg.cancel,
+                    &self_tx,
+                    deadline,
+                    Msg::KillTimeout { pm_id, run_gen },
+                );
                 p.waiters.extend(op);
                 true
             }
@@ -748,17 +795,11 @@ impl Supervisor {
         };
         let op_id = self.next_op;
         self.next_op += 1;
-        let done_word = match after {
-            AfterStop::Nothing => "stopped",
-            AfterStop::Restart => "restarted",
-            AfterStop::Delete => "deleted",
-        };
         let mut op = Op {
             request_id: r.request_id,
             reply,
             waiting: BTreeSet::new(),
             changes: vec![],
-            done_word,
         };
         for id in ids {
             let was = self.procs[&id].meta.status;
@@ -832,6 +873,22 @@ impl Supervisor {
             .iter()
             .filter_map(|c| self.info(c.pm_id))
             .collect();
+        let failed: Vec<String> = op
+            .changes
+            .iter()
+            .filter(|c| c.what == NOT_RESTARTED)
+            .map(|c| c.pm_id.to_string())
+            .collect();
+        if !failed.is_empty() {
+            reply.error = Some(ControlError::new(
+                ErrorKind::SpawnFailed,
+                format!(
+                    "pm_id {} could not be started again on host {} (see the spawn:error event and the agent log)",
+                    failed.join(", "),
+                    self.host()
+                ),
+            ));
+        }
         reply.changes = op.changes;
         let _ = op.reply.send(reply);
     }
@@ -841,10 +898,9 @@ impl Supervisor {
             let done = match self.ops.get_mut(&op_id) {
                 Some(op) => {
                     op.waiting.remove(&pm_id);
-                    let word = if what.is_empty() { op.done_word } else { what };
                     op.changes.push(Change {
                         pm_id,
-                        what: word.into(),
+                        what: what.into(),
                     });
                     op.waiting.is_empty()
                 }
@@ -916,7 +972,7 @@ impl Supervisor {
                     if !waiters.is_empty() {
                         p.relay.event(&EventFields::named("stop").manually(true));
                     }
-                    self.settle(pm_id, waiters, "");
+                    self.settle(pm_id, waiters, "stopped");
                 }
                 AfterStop::Restart => {
                     if let Some(p) = self.procs.get_mut(&pm_id) {
@@ -924,10 +980,18 @@ impl Supervisor {
                         p.meta.restart_time += 1;
                     }
                     self.spawn_proc(pm_id, wtx);
-                    if restart_event || !waiters.is_empty() {
+                    let running = self.procs.get(&pm_id).is_some_and(|p| p.run.is_some());
+                    if running && (restart_event || !waiters.is_empty()) {
                         self.emit(pm_id, EventFields::named("restart").manually(true));
                     }
-                    self.settle(pm_id, waiters, "");
+                    let word = if running {
+                        "restarted"
+                    } else if self.shutdown.is_some() {
+                        "stopped: the agent is shutting down"
+                    } else {
+                        NOT_RESTARTED
+                    };
+                    self.settle(pm_id, waiters, word);
                 }
                 AfterStop::Delete => {
                     self.delete_now(pm_id);
@@ -967,11 +1031,13 @@ impl Supervisor {
                     p.relay.set_meta(&p.meta);
                     p.relay.event(&exit_ev);
                     let run_gen = p.run_gen;
-                    let self_tx = self.tx.clone();
-                    tracker.spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = self_tx.send(Msg::RestartDue { pm_id, run_gen }).await;
-                    });
+                    schedule(
+                        &tracker,
+                        &self.cfg.cancel,
+                        &self.tx,
+                        Instant::now() + delay,
+                        Msg::RestartDue { pm_id, run_gen },
+                    );
                 }
             }
         }

@@ -63,9 +63,25 @@ pub fn start(
     sp: Spawned,
     ctx: RunContext,
 ) -> std::io::Result<mpsc::Sender<OutFrame>> {
-    let ch = ipc::channel(sp.ipc)?;
+    let ch = match ipc::channel(sp.ipc) {
+        Ok(ch) => ch,
+        Err(e) => {
+            // Without its channel the worker cannot be supervised: do not leave it running.
+            let pgid = nix::unistd::Pid::from_raw(sp.pid as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let mut child = sp.child;
+            tracker.spawn(async move {
+                let _ = child.wait().await;
+            });
+            return Err(e);
+        }
+    };
     let (wtx, wrx) = mpsc::channel::<OutFrame>(256);
-    tracker.spawn(ipc::write_loop(ch.clone(), wrx));
+    tracker.spawn(
+        ctx.cancel
+            .clone()
+            .run_until_cancelled_owned(ipc::write_loop(ch.clone(), wrx)),
+    );
     let c = ctx.cancel.clone();
     tracker.spawn(c.run_until_cancelled_owned(ipc_pump(
         ch,

@@ -4,6 +4,10 @@
 use serde::{Deserialize, Deserializer, Serializer};
 use std::time::Duration;
 
+/// Longest accepted duration, in ms (about 31,700 years): keeps arithmetic on it far from
+/// overflow.
+pub const MAX_MS: u64 = 1_000_000_000_000_000;
+
 /// Parses `500ms`, `1.5s`, `10s`, `5m`, `2h`, `1d`, or a bare integer of milliseconds.
 pub fn parse(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -11,6 +15,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         return Err("an empty duration: write e.g. 500ms, 10s or 5m".into());
     }
     if let Ok(ms) = t.parse::<u64>() {
+        if ms > MAX_MS {
+            return Err(format!("'{s}' is out of range"));
+        }
         return Ok(Duration::from_millis(ms));
     }
     let split = t
@@ -33,7 +40,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         }
     };
     let ms = n * mult_ms;
-    if !ms.is_finite() || !(0.0..=1e15).contains(&ms) {
+    if !ms.is_finite() || !(0.0..=MAX_MS as f64).contains(&ms) {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(Duration::from_millis(ms.round() as u64))
@@ -58,8 +65,13 @@ pub mod ms {
             S(String),
         }
         match Either::deserialize(d)? {
-            Either::N(n) => Ok(Duration::from_millis(n)),
-            Either::F(f) if f.is_finite() && f >= 0.0 => Ok(Duration::from_millis(f as u64)),
+            Either::N(n) if n <= MAX_MS => Ok(Duration::from_millis(n)),
+            Either::N(n) => Err(serde::de::Error::custom(format!(
+                "{n} ms is out of range (at most {MAX_MS})"
+            ))),
+            Either::F(f) if f.is_finite() && (0.0..=MAX_MS as f64).contains(&f) => {
+                Ok(Duration::from_millis(f as u64))
+            }
             Either::F(f) => Err(serde::de::Error::custom(format!("{f} is not a duration"))),
             Either::S(s) => parse(&s).map_err(serde::de::Error::custom),
         }
