@@ -849,3 +849,19 @@ async fn a_restart_arriving_during_a_delete_does_not_resurrect_the_process() {
     assert!(list.processes.is_empty(), "{:?}", list.processes);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_with_a_handle_is_still_acknowledged() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.default.hdl.>").await;
+    let agent = TestAgent::start_with(&nats, "h", |s| s.relay.max_message = Some(4096)).await;
+    let mut s = spec("hdl", "handle.js");
+    s.env.insert("PAD".into(), "100000".into());
+    request(&client, "h", start(s)).await;
+    // Node holds back every later send until the ACK: this one arriving proves it was sent.
+    w.until("after:handle", |s| s.subject == "pm.default.hdl.after:handle").await;
+    let list = request(&client, "h", targeted("list", "hdl")).await;
+    assert_eq!(list.processes[0].ipc_errors, 1);
+    agent.stop().await.unwrap();
+}

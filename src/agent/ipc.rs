@@ -22,6 +22,9 @@ use tokio::sync::mpsc;
 /// The fd number the worker finds its channel on.
 pub const CHILD_FD: RawFd = 3;
 
+/// Bytes kept of a line that is skipped for being over the limit.
+const HEAD: usize = 32;
+
 /// Most fds held from one worker without a `NODE_HANDLE` line to claim them.
 const MAX_HELD_FDS: usize = 16;
 
@@ -63,8 +66,8 @@ pub fn channel(fd: OwnedFd) -> io::Result<Channel> {
 pub enum Frame<'a> {
     /// One complete line, without its newline.
     Line(&'a [u8]),
-    /// A line longer than the limit; its bytes were skipped.
-    Oversized(usize),
+    /// A line longer than the limit (its length, and its first bytes); the rest was skipped.
+    Oversized(usize, &'a [u8]),
 }
 
 /// Splits a byte stream into lines, in place, never holding more than `max_line` + one read.
@@ -74,6 +77,7 @@ pub struct LineReader {
     end: usize,
     max_line: usize,
     skipping: Option<usize>,
+    head: Vec<u8>,
     /// Descriptors received and not yet claimed by a `NODE_HANDLE` line.
     pub fds: VecDeque<OwnedFd>,
 }
@@ -87,8 +91,21 @@ impl LineReader {
             end: 0,
             max_line,
             skipping: None,
+            head: Vec::new(),
             fds: VecDeque::new(),
         }
+    }
+
+    /// Drops the buffered part of an over-limit line, keeping its length and first bytes.
+    fn start_skipping(&mut self) {
+        if self.skipping.is_none() {
+            self.head.clear();
+            self.head
+                .extend_from_slice(&self.buf[self.start..(self.start + HEAD).min(self.end)]);
+        }
+        self.skipping = Some(self.skipping.unwrap_or(0) + (self.end - self.start));
+        self.start = 0;
+        self.end = 0;
     }
 
     /// Room to read into, growing or compacting as needed.
@@ -104,7 +121,7 @@ impl LineReader {
                     self.buf.resize(grown, 0);
                 } else {
                     // A partial line fills the largest buffer: it is over the limit.
-                    self.skipping = Some(self.skipping.unwrap_or(0) + (self.end - self.start));
+                    self.start_skipping();
                     self.start = 0;
                     self.end = 0;
                 }
@@ -120,9 +137,13 @@ impl LineReader {
         while let Some(pos) = memchr::memchr(b'\n', &self.buf[scan..self.end]) {
             let nl = scan + pos;
             if let Some(skipped) = self.skipping.take() {
-                out(Frame::Oversized(skipped + (nl - self.start)), &mut self.fds);
+                out(
+                    Frame::Oversized(skipped + (nl - self.start), &self.head),
+                    &mut self.fds,
+                );
             } else if nl - self.start > self.max_line {
-                out(Frame::Oversized(nl - self.start), &mut self.fds);
+                let head = &self.buf[self.start..(self.start + HEAD).min(nl)];
+                out(Frame::Oversized(nl - self.start, head), &mut self.fds);
             } else {
                 out(Frame::Line(&self.buf[self.start..nl]), &mut self.fds);
             }
@@ -133,9 +154,7 @@ impl LineReader {
             self.start = 0;
             self.end = 0;
         } else if self.skipping.is_some() || self.end - self.start > self.max_line {
-            self.skipping = Some(self.skipping.unwrap_or(0) + (self.end - self.start));
-            self.start = 0;
-            self.end = 0;
+            self.start_skipping();
         }
     }
 
@@ -144,9 +163,13 @@ impl LineReader {
     pub fn finish(&mut self, mut out: impl FnMut(Frame<'_>, &mut VecDeque<OwnedFd>)) {
         let partial = self.end - self.start;
         if let Some(skipped) = self.skipping.take() {
-            out(Frame::Oversized(skipped + partial), &mut self.fds);
+            out(
+                Frame::Oversized(skipped + partial, &self.head),
+                &mut self.fds,
+            );
         } else if partial > self.max_line {
-            out(Frame::Oversized(partial), &mut self.fds);
+            let head = &self.buf[self.start..self.start + HEAD.min(partial)];
+            out(Frame::Oversized(partial, head), &mut self.fds);
         } else if partial > 0 {
             out(Frame::Line(&self.buf[self.start..self.end]), &mut self.fds);
         }
@@ -298,7 +321,7 @@ mod tests {
             r.feed(c, |f, _| {
                 got.push(match f {
                     Frame::Line(l) => String::from_utf8_lossy(l).into_owned(),
-                    Frame::Oversized(n) => format!("<oversized {n}>"),
+                    Frame::Oversized(n, _) => format!("<oversized {n}>"),
                 })
             });
         }

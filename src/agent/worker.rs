@@ -14,6 +14,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Node's acknowledgement of a received handle.
+const NODE_HANDLE_ACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
+
 /// Longest log line relayed as one message; longer lines are split.
 pub const MAX_LOG_LINE: usize = 64 << 10;
 
@@ -239,7 +242,7 @@ async fn ipc_pump(
                             // do not use it: close it, acknowledge (else Node holds back the
                             // worker's next sends), and relay the user's `msg` as any message.
                             drop(fds.pop_front());
-                            let _ = writer.try_send(OutFrame::line(&b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"[..]));
+                            let _ = writer.try_send(OutFrame::line(NODE_HANDLE_ACK));
                             if let Some(inner) = handle_message(raw) {
                                 // Node's own cluster traffic inside a handle is not the user's.
                                 if let Ok(c @ (Classified::Typed { .. } | Classified::Raw { .. })) =
@@ -259,11 +262,19 @@ async fn ipc_pump(
                         snippet(line)
                     )),
                 },
-                Frame::Oversized(n) => relay.ipc_error(format!(
-                    "a message of {n} bytes on the IPC channel exceeds the limit of {} bytes \
-                     (relay.max_message, default the server's max_payload): skipped",
-                    relay.max_message()
-                )),
+                Frame::Oversized(n, head) => {
+                    if head.starts_with(br#"{"cmd":"NODE_HANDLE""#) {
+                        // Too large to relay, but Node waits for this ACK before it sends
+                        // anything else: without it the worker's channel would go silent.
+                        drop(fds.pop_front());
+                        let _ = writer.try_send(OutFrame::line(NODE_HANDLE_ACK));
+                    }
+                    relay.ipc_error(format!(
+                        "a message of {n} bytes on the IPC channel exceeds the limit of {} bytes \
+                         (relay.max_message, default the server's max_payload): skipped",
+                        relay.max_message()
+                    ))
+                }
             })
             .await;
         // Queue what this read brought, in order; while NATS keeps up this may wait for room,
