@@ -860,7 +860,10 @@ async fn an_oversized_message_with_a_handle_is_still_acknowledged() {
     s.env.insert("PAD".into(), "100000".into());
     request(&client, "h", start(s)).await;
     // Node holds back every later send until the ACK: this one arriving proves it was sent.
-    w.until("after:handle", |s| s.subject == "pm.default.hdl.after:handle").await;
+    w.until("after:handle", |s| {
+        s.subject == "pm.default.hdl.after:handle"
+    })
+    .await;
     let list = request(&client, "h", targeted("list", "hdl")).await;
     assert_eq!(list.processes[0].ipc_errors, 1);
     agent.stop().await.unwrap();
