@@ -7,4 +7,5 @@ pub mod agent;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod protocol;
