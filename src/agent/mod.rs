@@ -8,7 +8,9 @@
 //! whole picture.
 
 pub mod control;
+pub mod converge;
 pub mod ipc;
+pub mod local;
 pub mod policy;
 pub mod relay;
 pub mod signals;

@@ -6,6 +6,7 @@ pub mod envelope;
 pub mod fleet;
 pub mod message;
 pub mod names;
+pub mod state;
 pub mod subjects;
 
 pub use control::{AppSpec, ControlError, ErrorKind, Reply, Request, Target};
