@@ -868,3 +868,54 @@ async fn an_oversized_message_with_a_handle_is_still_acknowledged() {
     assert_eq!(list.processes[0].ipc_errors, 1);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_converges_to_its_assignment_in_kv_and_keeps_a_local_copy() {
+    use flotilla::bus::store::Store;
+    use flotilla::protocol::state::{AssignedApp, Assignment, BUCKET};
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut ev = Watch::new(&client, "pm.default.*.process:event").await;
+    let agent = TestAgent::start(&nats, "conv").await;
+    let store = Store::open(client.clone(), BUCKET).await.unwrap();
+    let app = |ids: &[u32], running: bool| {
+        let mut s = spec("api", "chatty.js");
+        s.pm_ids = ids.to_vec();
+        s.instances = Some(ids.len() as u32);
+        AssignedApp { spec: s, running }
+    };
+    let assign = |apps: Vec<AssignedApp>| {
+        let a = Assignment {
+            host: "conv".into(),
+            apps,
+        };
+        move |_: Option<Assignment>| Ok(a.clone())
+    };
+    // assigned pm_ids 10 and 11: both start, with those ids
+    store
+        .update("assign.conv", assign(vec![app(&[10, 11], true)]))
+        .await
+        .unwrap();
+    ev.event(10, "online").await;
+    ev.event(11, "online").await;
+    let local = flotilla::agent::local::load(&agent.home.path().join("assignment.json"))
+        .unwrap()
+        .expect("a local copy");
+    assert_eq!(local.apps[0].spec.pm_ids, vec![10, 11]);
+    // scale down to 10: 11 is deleted
+    store
+        .update("assign.conv", assign(vec![app(&[10], true)]))
+        .await
+        .unwrap();
+    ev.event(11, "delete").await;
+    // mark stopped: 10 stops and stays in the table
+    store
+        .update("assign.conv", assign(vec![app(&[10], false)]))
+        .await
+        .unwrap();
+    ev.event(10, "stop").await;
+    let list = request(&client, "conv", targeted("list", "all")).await;
+    assert_eq!(list.processes.len(), 1);
+    assert_eq!(list.processes[0].meta.status, Status::Stopped);
+    agent.stop().await.unwrap();
+}

@@ -3,7 +3,7 @@
 
 mod support;
 
-use flotilla::controller::store::{Store, StoreError};
+use flotilla::bus::store::{Store, StoreError};
 use support::NatsServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

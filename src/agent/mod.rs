@@ -23,6 +23,7 @@ use crate::bus::{self, BusError, Outgoing, Relay};
 use crate::config::Settings;
 use crate::protocol::envelope::now_ms;
 use crate::protocol::fleet::{Heartbeat, HostEvent};
+use crate::protocol::state::{self, Assignment};
 use crate::protocol::{HostId, Subjects};
 use relay::RelayHub;
 use std::future::Future;
@@ -108,6 +109,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         tasks.clone(),
     )
     .await?;
+    tasks.spawn(follow_assignment(
+        client.clone(),
+        host.clone(),
+        settings.home.clone(),
+        sup.clone(),
+        cancel.clone(),
+    ));
     host_event(&relay, &subjects, &host, &settings, "online");
     tasks.spawn(heartbeats(
         relay.clone(),
@@ -226,6 +234,64 @@ async fn heartbeats(
                 .expect("heartbeats serialise")
                 .into(),
         ));
+    }
+}
+
+/// Converges to the local copy of the assignment, then follows `assign.<host>` in KV, saving
+/// each new assignment locally (atomically) before applying it.
+async fn follow_assignment(
+    client: async_nats::Client,
+    host: HostId,
+    home: std::path::PathBuf,
+    sup: SupervisorHandle,
+    cancel: CancellationToken,
+) {
+    use futures::StreamExt;
+    let file = local::path(&home);
+    match local::load(&file) {
+        Ok(Some(a)) => sup.converge(a).await,
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
+    let store = match bus::store::Store::open(client, state::BUCKET).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("{e}; this agent runs only what it is asked directly");
+            return;
+        }
+    };
+    let key = state::assignment_key(&host);
+    let mut updates = match store.watch::<Assignment>(&key).await {
+        Ok(w) => Box::pin(w),
+        Err(e) => {
+            tracing::warn!("{e}; this agent runs only what it is asked directly");
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            n = updates.next() => n,
+            _ = cancel.cancelled() => return,
+        };
+        let a = match next {
+            Some(Ok(Some(a))) => a,
+            Some(Ok(None)) => Assignment {
+                host: host.to_string(),
+                apps: vec![],
+            },
+            Some(Err(e)) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+            None => {
+                tracing::warn!("the watch on {key} ended; running workers are kept");
+                return;
+            }
+        };
+        if let Err(e) = local::save(&file, &a) {
+            tracing::warn!("could not keep the local copy of the assignment: {e}");
+        }
+        sup.converge(a).await;
     }
 }
 

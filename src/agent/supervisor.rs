@@ -1,6 +1,7 @@
 //! The process table: one task owns it. Requests arrive with their reply channel; child exits,
 //! readiness and timers arrive as messages. Nothing polls.
 
+use super::converge::{self, Action, Have};
 use super::ipc::OutFrame;
 use super::policy::{Decision, RestartState};
 use super::relay::{RelayHub, WorkerRelay};
@@ -13,6 +14,7 @@ use crate::protocol::control::{
     SignalRequest, StartRequest, Target, TargetRequest,
 };
 use crate::protocol::envelope::{EventFields, ProcessMeta, Status, now_ms};
+use crate::protocol::state::Assignment;
 use crate::protocol::{AppKey, AppSpec};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -59,6 +61,7 @@ enum Msg {
     KillTimeout { pm_id: u32, run_gen: u64 },
     ReadyTimeout { pm_id: u32, run_gen: u64 },
     Summary(oneshot::Sender<Summary>),
+    Converge(Box<Assignment>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -84,6 +87,11 @@ impl SupervisorHandle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::Summary(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Makes the table match the assignment (see [`super::converge`]).
+    pub async fn converge(&self, a: Assignment) {
+        let _ = self.tx.send(Msg::Converge(Box::new(a))).await;
     }
 
     /// Stops every worker gracefully and waits for them; then the supervisor ends.
@@ -133,6 +141,7 @@ struct Proc {
     policy: RestartState,
     after_stop: AfterStop,
     manual_restart_event: bool,
+    announce_stop: bool,
     waiters: Vec<u64>,
     exit_code: Option<i32>,
     meter: CpuMeter,
@@ -232,6 +241,11 @@ impl Supervisor {
                 Msg::Summary(reply) => {
                     let _ = reply.send(self.summary());
                     self.enforce_memory_limits();
+                }
+                Msg::Converge(a) => {
+                    if self.shutdown.is_none() {
+                        self.converge(*a, &wtx);
+                    }
                 }
                 Msg::Shutdown(done) => {
                     self.shutdown = Some(done);
@@ -359,6 +373,68 @@ impl Supervisor {
         }
         self.agent_meter.update(0);
         s
+    }
+
+    /// Applies the convergence plan for `a`.
+    fn converge(&mut self, a: Assignment, wtx: &mpsc::Sender<WorkerEvent>) {
+        let steps = {
+            let have: Vec<Have<'_>> = self
+                .procs
+                .values()
+                .map(|p| Have {
+                    pm_id: p.meta.pm_id,
+                    spec: &p.spec,
+                    alive: crate::protocol::control::is_alive(p.meta.status),
+                })
+                .collect();
+            converge::plan(&have, &a)
+        };
+        if !steps.is_empty() {
+            tracing::info!(steps = steps.len(), "converging to the assignment");
+        }
+        for step in steps {
+            match step {
+                Action::Delete(id) => {
+                    if !self.stop_one(id, AfterStop::Delete, None) {
+                        self.delete_now(id);
+                    }
+                }
+                Action::Stop(id) => {
+                    if self.stop_one(id, AfterStop::Nothing, None)
+                        && let Some(p) = self.procs.get_mut(&id)
+                    {
+                        p.announce_stop = true; // `stop` once it has exited
+                    }
+                }
+                Action::Respec(id, spec) => match spawn::resolve(&spec, &self.cfg.host) {
+                    Ok(launch) => {
+                        if let Some(p) = self.procs.get_mut(&id) {
+                            p.spec = Arc::new(spec);
+                            p.launch = Arc::new(launch);
+                        }
+                        if !self.stop_one(id, AfterStop::Restart, None) {
+                            self.manual_restart(id, wtx);
+                        }
+                    }
+                    Err(e) => self.emit(id, EventFields::named("spawn:error").reason(e.message)),
+                },
+                Action::Start(spec) => {
+                    let name = format!("{}/{}", spec.namespace, spec.name);
+                    let req = StartRequest {
+                        request_id: Uuid::new_v4(),
+                        app: spec,
+                        force: true,
+                    };
+                    match self.start(req, wtx) {
+                        Ok(r) if r.error.is_none() => {}
+                        Ok(r) => {
+                            tracing::error!(app = %name, "assigned app did not start: {:?}", r.error)
+                        }
+                        Err(e) => tracing::error!(app = %name, "assigned app cannot start: {e}"),
+                    }
+                }
+            }
+        }
     }
 
     /// pm2's `max_memory_restart`: checked at every heartbeat sample; a worker over its limit is
@@ -546,6 +622,7 @@ impl Supervisor {
                 policy: RestartState::new(Instant::now()),
                 after_stop: AfterStop::Nothing,
                 manual_restart_event: false,
+                announce_stop: false,
                 waiters: vec![],
                 exit_code: None,
                 meter: CpuMeter::default(),
@@ -967,9 +1044,10 @@ impl Supervisor {
             let after = std::mem::replace(&mut p.after_stop, AfterStop::Nothing);
             let waiters = std::mem::take(&mut p.waiters);
             let restart_event = std::mem::take(&mut p.manual_restart_event);
+            let announce_stop = std::mem::take(&mut p.announce_stop);
             match after {
                 AfterStop::Nothing => {
-                    if !waiters.is_empty() {
+                    if !waiters.is_empty() || announce_stop {
                         p.relay.event(&EventFields::named("stop").manually(true));
                     }
                     self.settle(pm_id, waiters, "stopped");

@@ -1,5 +1,4 @@
 //! `flotilla controller` (issue 4, in progress): desired state in JetStream KV, placement, the
-//! fleet view and the API the CLI calls. So far: the compare-and-set store every desired-state
-//! write goes through.
-
-pub mod store;
+//! fleet view and the API the CLI calls. Desired-state writes go through
+//! [`crate::bus::store::Store`] (compare-and-set), which agents use too, to watch their
+//! assignment.

@@ -187,6 +187,37 @@ impl Store {
             })
     }
 
+    /// The current value of `key` (if any), then every change: `None` for a delete. The stream
+    /// ends when the connection to the watch is lost for good.
+    pub async fn watch<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<impl futures::Stream<Item = Result<Option<T>, StoreError>> + use<T>, StoreError>
+    {
+        use futures::StreamExt;
+        let owned = key.to_string();
+        let w = self
+            .kv
+            .watch_with_history(key)
+            .await
+            .map_err(|e| StoreError::Nats {
+                what: "watching",
+                key: owned.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(w.map(move |e| match e {
+            Ok(e) => match e.operation {
+                kv::Operation::Put => decode(&owned, &e.value).map(Some),
+                kv::Operation::Delete | kv::Operation::Purge => Ok(None),
+            },
+            Err(e) => Err(StoreError::Nats {
+                what: "watching",
+                key: owned.clone(),
+                reason: e.to_string(),
+            }),
+        }))
+    }
+
     /// Deletes `key` if it still has `revision` (a tombstone that keeps history).
     pub async fn delete_if(&self, key: &str, revision: u64) -> Result<(), StoreError> {
         self.kv
