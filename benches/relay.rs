@@ -1126,7 +1126,7 @@ impl Bench {
             let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
             let relay = via_relay.then(|| {
                 flotilla::bus::Relay::start(
-                    publisher.clone(),
+                    std::future::ready(Some(publisher.clone())),
                     flotilla::bus::QueueLimits {
                         messages: 16_384,
                         bytes: 32 << 20,
@@ -1589,7 +1589,7 @@ fn stages(url: String, lines: u64) -> Res<Stages> {
         let tracker = tokio_util::task::TaskTracker::new();
         // An eighth of the capacity is reserved for events: room for every line.
         let relay = Relay::start(
-            client.clone(),
+            std::future::ready(Some(client.clone())),
             flotilla::bus::QueueLimits {
                 messages: 2 * lines as usize,
                 bytes: 1 << 30,
@@ -1597,7 +1597,7 @@ fn stages(url: String, lines: u64) -> Res<Stages> {
             },
             &tracker,
         );
-        let hub = RelayHub::new(relay.clone(), Subjects::new("pm")?, 1 << 20);
+        let hub = RelayHub::new(relay.clone(), Subjects::new("pm")?);
         let meta = ProcessMeta {
             pm_id: 0,
             name: "stages".into(),

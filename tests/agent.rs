@@ -919,3 +919,57 @@ async fn the_agent_converges_to_its_assignment_in_kv_and_keeps_a_local_copy() {
     assert_eq!(list.processes[0].meta.status, Status::Stopped);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nats_down_a_restarted_agent_runs_its_local_copy() {
+    use flotilla::bus::store::Store;
+    use flotilla::protocol::state::{AssignedApp, Assignment, BUCKET};
+    let mut nats = NatsServer::start();
+    let client = nats.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("up");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    // An up-report from a worker: one line in the FIFO (an event, not a timer).
+    let up = || async {
+        let mut rx = tokio::net::unix::pipe::OpenOptions::new()
+            .open_receiver(&fifo)
+            .unwrap();
+        let mut line = String::new();
+        tokio::time::timeout(
+            WAIT,
+            tokio::io::AsyncReadExt::read_to_string(&mut rx, &mut line),
+        )
+        .await
+        .expect("the worker did not report")
+        .unwrap();
+        line
+    };
+    let agent = TestAgent::start(&nats, "local").await;
+    let mut s = spec("up", "fifo_up.sh");
+    s.env.insert("UP_FIFO".into(), fifo.display().to_string());
+    s.pm_ids = vec![7];
+    let a = Assignment {
+        host: "local".into(),
+        apps: vec![AssignedApp {
+            spec: s,
+            running: true,
+        }],
+    };
+    let first = up();
+    let store = Store::open(client.clone(), BUCKET).await.unwrap();
+    store
+        .update("assign.local", move |_: Option<Assignment>| Ok(a.clone()))
+        .await
+        .unwrap();
+    assert_eq!(first.await, "up\n");
+    let (res, home) = agent.stop_keep_home().await;
+    res.unwrap();
+
+    // NATS goes away; the agent restarts on the same home and runs its workers anyway.
+    let url = nats.url();
+    nats.kill();
+    let again = up();
+    let agent = TestAgent::spawn_in(home, &url, "local", |_| {});
+    assert_eq!(again.await, "up\n");
+    agent.stop().await.unwrap();
+}

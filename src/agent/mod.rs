@@ -59,29 +59,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let cancel = CancellationToken::new();
     tokio::pin!(shutdown);
 
-    let client_name = format!("flotilla-agent-{host}");
-    let client = tokio::select! {
-        c = bus::connect_with_retry(&settings, &client_name, &cancel) => c?,
-        _ = &mut shutdown => {
-            tracing::info!("stopped before NATS was reachable");
-            return Ok(());
-        }
-    };
-    let server_max = client.server_info().max_payload.max(1024);
-    let max_message = settings
-        .relay
-        .max_message
-        .map_or(server_max, |m| m.min(server_max));
-    tracing::info!(
-        host = %host,
-        url = settings.nats_url(),
-        max_message,
-        "agent connected"
-    );
-
+    // The relay, the supervisor and the workers of the local copy of the assignment start
+    // before NATS is reached: a NATS outage at agent start never keeps workers down. Their
+    // messages queue (and, past `relay.max_wait`, are dropped and counted) until it is.
+    let (client_tx, client_rx) = tokio::sync::oneshot::channel::<async_nats::Client>();
     let relay_tasks = TaskTracker::new();
     let relay = Relay::start(
-        client.clone(),
+        async move { client_rx.await.ok() },
         bus::QueueLimits {
             messages: settings.relay.buffer,
             bytes: settings.relay.buffer_bytes,
@@ -89,7 +73,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         },
         &relay_tasks,
     );
-    let hub = Arc::new(RelayHub::new(relay.clone(), subjects.clone(), max_message));
+    relay.set_max_message(
+        settings
+            .relay
+            .max_message
+            .unwrap_or(bus::DEFAULT_MAX_MESSAGE),
+    );
+    let hub = Arc::new(RelayHub::new(relay.clone(), subjects.clone()));
     let tasks = TaskTracker::new();
     let sup = supervisor::start(SupervisorConfig {
         host: host.to_string(),
@@ -98,9 +88,56 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         tracker: tasks.clone(),
         cancel: cancel.clone(),
     });
+    match local::load(&local::path(&settings.home)) {
+        Ok(Some(a)) => {
+            tracing::info!("starting the workers of the local copy of the assignment");
+            sup.converge(a).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
+
+    let client_name = format!("flotilla-agent-{host}");
+    let connected = tokio::select! {
+        c = bus::connect_with_retry(&settings, &client_name, &cancel) => Some(c),
+        _ = &mut shutdown => None,
+    };
+    let client = match connected {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            drop(client_tx); // the publisher learns that no client will come
+            stop_workers(&sup).await;
+            finish(cancel, sup, tasks, &hub, || {}).await;
+            drop(hub);
+            drain(relay, relay_tasks).await;
+            return Err(e.into());
+        }
+        None => {
+            tracing::info!("stopped before NATS was reachable");
+            drop(client_tx); // the publisher learns that no client will come
+            stop_workers(&sup).await;
+            finish(cancel, sup, tasks, &hub, || {}).await;
+            drop(hub);
+            drain(relay, relay_tasks).await;
+            return Ok(());
+        }
+    };
+    let server_max = client.server_info().max_payload.max(1024);
+    let max_message = settings
+        .relay
+        .max_message
+        .map_or(server_max, |m| m.min(server_max));
+    relay.set_max_message(max_message);
+    let _ = client_tx.send(client.clone());
+    tracing::info!(
+        host = %host,
+        url = settings.nats_url(),
+        max_message,
+        "agent connected"
+    );
 
     let ctl_cancel = cancel.child_token();
-    control::serve(
+    if let Err(e) = control::serve(
         client.clone(),
         subjects.clone(),
         host.clone(),
@@ -108,7 +145,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         ctl_cancel.clone(),
         tasks.clone(),
     )
-    .await?;
+    .await
+    {
+        stop_workers(&sup).await;
+        finish(cancel, sup, tasks, &hub, || {}).await;
+        drop(hub);
+        drain(relay, relay_tasks).await;
+        return Err(e.into());
+    }
     tasks.spawn(follow_assignment(
         client.clone(),
         host.clone(),
@@ -131,16 +175,37 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     tracing::info!("shutting down: no new commands; stopping workers");
     ctl_cancel.cancel();
     stop_workers(&sup).await;
+    let goodbye = || host_event(&relay, &subjects, &host, &settings, "offline");
+    finish(cancel, sup, tasks, &hub, goodbye).await;
+    drop(hub);
+    drain(relay, relay_tasks).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// After the workers have stopped: ends the agent's tasks, queues the last drop and fault
+/// reports, then `goodbye` (the `offline` host event).
+async fn finish(
+    cancel: CancellationToken,
+    sup: SupervisorHandle,
+    tasks: TaskTracker,
+    hub: &RelayHub,
+    goodbye: impl FnOnce(),
+) {
     tracing::debug!("workers stopped; ending the agent's tasks");
     cancel.cancel();
     drop(sup);
     tasks.close();
     tasks.wait().await;
-    tracing::debug!("tasks ended; draining the relay queue");
     hub.report_drops();
     hub.flush_errors();
-    host_event(&relay, &subjects, &host, &settings, "offline");
-    drop(hub);
+    goodbye();
+}
+
+/// Lets the relay drain to NATS, bounded by [`DRAIN_TIMEOUT`].
+async fn drain(relay: Relay, relay_tasks: TaskTracker) {
+    tracing::debug!("draining the relay queue");
     drop(relay);
     relay_tasks.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, relay_tasks.wait())
@@ -151,9 +216,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             "NATS did not take the last queued messages within {DRAIN_TIMEOUT:?}; they are lost"
         );
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-    tracing::info!("agent stopped");
-    Ok(())
 }
 
 async fn stop_workers(sup: &SupervisorHandle) {
@@ -237,8 +299,8 @@ async fn heartbeats(
     }
 }
 
-/// Converges to the local copy of the assignment, then follows `assign.<host>` in KV, saving
-/// each new assignment locally (atomically) before applying it.
+/// Follows `assign.<host>` in KV, saving each new assignment locally (atomically) before
+/// applying it. (The local copy itself is applied at start, before NATS is reached.)
 async fn follow_assignment(
     client: async_nats::Client,
     host: HostId,
@@ -248,11 +310,6 @@ async fn follow_assignment(
 ) {
     use futures::StreamExt;
     let file = local::path(&home);
-    match local::load(&file) {
-        Ok(Some(a)) => sup.converge(a).await,
-        Ok(None) => {}
-        Err(e) => tracing::warn!("{e}"),
-    }
     let store = match bus::store::Store::open(client, state::BUCKET).await {
         Ok(s) => s,
         Err(e) => {

@@ -57,7 +57,6 @@ pub struct WorkerRelay {
     relay: Relay,
     prefix: String,
     meta: RwLock<Arc<Box<RawValue>>>,
-    max_message: usize,
     dropped: AtomicU64,
     ipc_errors: AtomicU64,
     faults: Mutex<Faults>,
@@ -77,7 +76,7 @@ impl WorkerRelay {
 
     /// Largest message relayed.
     pub fn max_message(&self) -> usize {
-        self.max_message
+        self.relay.max_message()
     }
 
     /// Builds the envelope of one classified worker message (not Node internals); `None` when
@@ -132,12 +131,13 @@ impl WorkerRelay {
             event,
             id,
         });
-        if payload.len() > self.max_message {
+        let max_message = self.max_message();
+        if payload.len() > max_message {
             self.ipc_error(format!(
                 "a message of {} bytes (as an envelope) exceeds the limit of {} bytes (relay.max_message, \
                  default the server's max_payload): send smaller messages",
                 payload.len(),
-                self.max_message
+                max_message
             ));
             return None;
         }
@@ -238,18 +238,16 @@ impl WorkerRelay {
 pub struct RelayHub {
     relay: Relay,
     subjects: Subjects,
-    max_message: usize,
     workers: Mutex<Vec<Weak<WorkerRelay>>>,
     ipc_errors_total: AtomicU64,
 }
 
 impl RelayHub {
     /// A hub over the shared relay queue.
-    pub fn new(relay: Relay, subjects: Subjects, max_message: usize) -> Self {
+    pub fn new(relay: Relay, subjects: Subjects) -> Self {
         Self {
             relay,
             subjects,
-            max_message,
             workers: Mutex::new(Vec::new()),
             ipc_errors_total: AtomicU64::new(0),
         }
@@ -262,7 +260,7 @@ impl RelayHub {
 
     /// Largest message relayed.
     pub fn max_message(&self) -> usize {
-        self.max_message
+        self.relay.max_message()
     }
 
     /// A relay for one process.
@@ -271,7 +269,6 @@ impl RelayHub {
             relay: self.relay.clone(),
             prefix: self.subjects.app_prefix(app),
             meta: RwLock::new(Arc::new(envelope::encode_meta(meta))),
-            max_message: self.max_message,
             dropped: AtomicU64::new(0),
             ipc_errors: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),

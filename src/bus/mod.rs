@@ -12,7 +12,7 @@ use crate::config::Settings;
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use bytes::Bytes;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -171,6 +171,9 @@ pub async fn connect_with_retry(
     }
 }
 
+/// Largest message relayed until the server's `max_payload` is known: NATS's default.
+pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+
 /// One message waiting to be published.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -223,6 +226,7 @@ struct Inner {
     dropped: AtomicU64,
     failed: AtomicU64,
     drops_pending: AtomicBool,
+    max_message: AtomicUsize,
 }
 
 /// Handle to the relay queue: cheap to clone; the publisher ends when every handle is gone and
@@ -260,8 +264,11 @@ impl Relay {
     /// Makes the queue and spawns its publisher on `tracker`. An eighth of the message capacity
     /// is kept for lifecycle events and heartbeats, so a flood of worker messages cannot crowd
     /// them out.
+    ///
+    /// The client arrives through `client` once connected, so producers can start (and queue)
+    /// before NATS is reachable; if it never arrives, queued messages are counted as dropped.
     pub fn start(
-        client: Client,
+        client: impl std::future::Future<Output = Option<Client>> + Send + 'static,
         limits: QueueLimits,
         tracker: &tokio_util::task::TaskTracker,
     ) -> Relay {
@@ -283,6 +290,7 @@ impl Relay {
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             drops_pending: AtomicBool::new(false),
+            max_message: AtomicUsize::new(DEFAULT_MAX_MESSAGE),
         });
         let weak = Arc::downgrade(&inner);
         tracker.spawn(publish_loop(client, rx, weak));
@@ -391,6 +399,16 @@ impl Relay {
         self.queued() < i.capacity / 2 && i.drops_pending.swap(false, Ordering::AcqRel)
     }
 
+    /// Largest message relayed, bytes.
+    pub fn max_message(&self) -> usize {
+        self.inner.max_message.load(Ordering::Relaxed)
+    }
+
+    /// Sets the largest message relayed (the server's `max_payload`, or less if configured).
+    pub fn set_max_message(&self, n: usize) {
+        self.inner.max_message.store(n.max(1024), Ordering::Relaxed);
+    }
+
     /// Messages waiting.
     pub fn queued(&self) -> usize {
         self.inner.capacity - self.inner.tx.capacity()
@@ -409,10 +427,25 @@ impl Relay {
 }
 
 async fn publish_loop(
-    client: Client,
+    client: impl std::future::Future<Output = Option<Client>>,
     mut rx: mpsc::Receiver<Outgoing>,
     inner: std::sync::Weak<Inner>,
 ) {
+    let Some(client) = client.await else {
+        // Never connected: nothing can be published; what was queued is counted as dropped.
+        rx.close();
+        let mut lost = 0;
+        while rx.recv().await.is_some() {
+            lost += 1;
+        }
+        if let Some(i) = inner.upgrade() {
+            i.dropped.fetch_add(lost, Ordering::Relaxed);
+        }
+        if lost > 0 {
+            tracing::warn!("{lost} messages were never published: NATS was not reached");
+        }
+        return;
+    };
     let mut batch = Vec::with_capacity(256);
     loop {
         if rx.recv_many(&mut batch, 256).await == 0 {

@@ -181,6 +181,16 @@ impl TestAgent {
 
     /// Spawns without waiting (for tests where NATS is not up yet).
     pub fn spawn(url: &str, host: &str, f: impl FnOnce(&mut Settings)) -> TestAgent {
+        Self::spawn_in(tempfile::tempdir().unwrap(), url, host, f)
+    }
+
+    /// Spawns with a given home (to restart an agent on the same home).
+    pub fn spawn_in(
+        home: tempfile::TempDir,
+        url: &str,
+        host: &str,
+        f: impl FnOnce(&mut Settings),
+    ) -> TestAgent {
         // FLOTILLA_LOG=debug shows the agent's log in a test's output.
         if let Ok(filter) = std::env::var("FLOTILLA_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -188,7 +198,6 @@ impl TestAgent {
                 .with_test_writer()
                 .try_init();
         }
-        let home = tempfile::tempdir().unwrap();
         let mut s = settings(url, host, home.path());
         f(&mut s);
         let (tx, rx) = oneshot::channel::<()>();
@@ -206,6 +215,22 @@ impl TestAgent {
     /// Log directory.
     pub fn log_dir(&self) -> PathBuf {
         self.home.path().join("logs")
+    }
+
+    /// Stops the agent and hands back its home.
+    pub async fn stop_keep_home(
+        mut self,
+    ) -> (Result<(), flotilla::agent::AgentError>, tempfile::TempDir) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("agent did not stop in 30 s")
+            .expect("agent task panicked");
+        let home = std::mem::replace(&mut self.home, tempfile::tempdir().unwrap());
+        (res, home)
     }
 
     /// Waits for `run` to return by itself (e.g. on a fatal error), without asking it to stop.
