@@ -2,3 +2,5 @@
 //! fleet view and the API the CLI calls. Desired-state writes go through
 //! [`crate::bus::store::Store`] (compare-and-set), which agents use too, to watch their
 //! assignment.
+
+pub mod placement;
