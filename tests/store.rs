@@ -70,3 +70,39 @@ async fn deleted_keys_count_as_absent_and_can_be_written_again() {
     let e = store.get::<u64>("app").await.unwrap_err();
     assert!(e.to_string().contains("'app' cannot be read"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pm_id_allocations_never_overlap() {
+    let nats = NatsServer::start();
+    let store = Store::open(nats.client().await, "flotilla_test")
+        .await
+        .unwrap();
+    let mut tasks = vec![];
+    for n in 1..=6u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = vec![];
+            for _ in 0..5 {
+                got.extend(
+                    flotilla::controller::ids::allocate(&store, n)
+                        .await
+                        .unwrap(),
+                );
+            }
+            got
+        }));
+    }
+    let mut all = vec![];
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), total, "no id was handed out twice");
+    assert_eq!(
+        all,
+        (0..total as u32).collect::<Vec<_>>(),
+        "and none was skipped"
+    );
+}

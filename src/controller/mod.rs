@@ -3,4 +3,5 @@
 //! [`crate::bus::store::Store`] (compare-and-set), which agents use too, to watch their
 //! assignment.
 
+pub mod ids;
 pub mod placement;
