@@ -7,7 +7,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Roles log their work; client verbs only speak up about trouble.
-    let quiet = !matches!(cli.command, Command::Agent(_));
+    let quiet = !matches!(cli.command, Command::Agent(_) | Command::Controller);
     init_tracing(if quiet { "warn" } else { "info" });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,6 +66,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let settings = cli.settings(extra)?;
             flotilla::agent::run(settings, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Controller => {
+            let settings = cli.settings(vec![])?;
+            flotilla::controller::run(settings, shutdown_signal()).await?;
             Ok(())
         }
         Command::Ctl(c) => {

@@ -28,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: supervise this host's workers and relay them to NATS.
     Agent(AgentArgs),
+    /// Run a controller: desired state in KV, placement, the API on pmctl.api.* (in progress).
+    Controller,
     /// Print every event on the bus (pm.> by default), one JSON envelope per line.
     Events(EventsArgs),
     /// Send one raw control request to an agent (pmctl.agent.<host>.<verb>) and print the reply.

@@ -47,6 +47,24 @@ impl AssignedApp {
     }
 }
 
+/// `pmctl.api.start`: place an app's instances on the fleet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiStartRequest {
+    /// Idempotency key.
+    pub request_id: uuid::Uuid,
+    /// The app (`instances` is the total across the fleet).
+    pub app: AppSpec,
+    /// Only these hosts (`--host`, repeatable); empty means any live host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Only hosts with these labels (`--label k=v`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Start another copy even when the app exists (pm2 `-f`).
+    #[serde(default)]
+    pub force: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
