@@ -114,6 +114,14 @@ fn shutting_down(id: Uuid, host: &str) -> Reply {
     )
 }
 
+/// A spawn failure, saying where to look.
+fn spawn_failed(what: &str, host: &str) -> ControlError {
+    ControlError::new(
+        ErrorKind::SpawnFailed,
+        format!("{what} on host {host} (see the spawn:error event and the agent log)"),
+    )
+}
+
 /// The change word of a restart whose new run could not be spawned.
 const NOT_RESTARTED: &str = "not restarted: spawn failed";
 
@@ -644,13 +652,9 @@ impl Supervisor {
             .collect();
         reply.processes = ids.iter().filter_map(|&id| self.info(id)).collect();
         if !failed.is_empty() {
-            reply.error = Some(ControlError::new(
-                ErrorKind::SpawnFailed,
-                format!(
-                    "{app}: pm_id {} could not be spawned on host {} (see the spawn:error event and the agent log)",
-                    failed.join(", "),
-                    self.host()
-                ),
+            reply.error = Some(spawn_failed(
+                &format!("{app}: pm_id {} could not be spawned", failed.join(", ")),
+                self.host(),
             ));
         }
         Ok(reply)
@@ -957,13 +961,9 @@ impl Supervisor {
             .map(|c| c.pm_id.to_string())
             .collect();
         if !failed.is_empty() {
-            reply.error = Some(ControlError::new(
-                ErrorKind::SpawnFailed,
-                format!(
-                    "pm_id {} could not be started again on host {} (see the spawn:error event and the agent log)",
-                    failed.join(", "),
-                    self.host()
-                ),
+            reply.error = Some(spawn_failed(
+                &format!("pm_id {} could not be started again", failed.join(", ")),
+                self.host(),
             ));
         }
         reply.changes = op.changes;
