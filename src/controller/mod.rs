@@ -62,6 +62,16 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ControllerError> {
+    run_ready(settings, shutdown, None).await
+}
+
+/// Same as [`run`]; `ready` is told once the API is subscribed (the local stack's daemon waits
+/// for it before it reports itself ready).
+pub async fn run_ready(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<(), ControllerError> {
     let subjects = Subjects::new(&settings.subject_prefix)
         .map_err(|e| ControllerError::Settings(e.to_string()))?;
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -73,6 +83,9 @@ pub async fn run(
         .await?;
     let mut api = client.subscribe(subjects.api("*")).await?;
     let _ = client.flush().await;
+    if let Some(r) = ready {
+        let _ = r.send(());
+    }
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         subjects,
