@@ -76,21 +76,28 @@ impl Store {
                 // `create_key_value`: async-nats 0.51 reads the account info first and cannot
                 // parse nats-server 2.9's (no `reserved_memory`), so it fails on Debian's server.
                 use jetstream::stream;
-                js.create_stream(stream::Config {
-                    name: format!("KV_{bucket}"),
-                    subjects: vec![format!("$KV.{bucket}.>")],
-                    max_messages_per_subject: HISTORY,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    discard: stream::DiscardPolicy::New,
-                    storage: stream::StorageType::File,
-                    num_replicas: 1,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| err(&e))?;
-                js.get_key_value(bucket).await.map_err(|e| err(&e))?
+                let created = js
+                    .create_stream(stream::Config {
+                        name: format!("KV_{bucket}"),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        max_messages_per_subject: HISTORY,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: stream::DiscardPolicy::New,
+                        storage: stream::StorageType::File,
+                        num_replicas: 1,
+                        ..Default::default()
+                    })
+                    .await;
+                // Another role may have created it at the same moment (an agent and a controller
+                // starting together on a fresh server; nats-server 2.9 then answers the second
+                // create with "subjects overlap"): the bucket exists, so open it.
+                match (created, js.get_key_value(bucket).await) {
+                    (_, Ok(kv)) => kv,
+                    (Err(e), Err(_)) => return Err(err(&e)),
+                    (Ok(_), Err(e)) => return Err(err(&e)),
+                }
             }
         };
         Ok(Store {
