@@ -7,7 +7,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Roles log their work; client verbs only speak up about trouble.
-    let quiet = !matches!(cli.command, Command::Agent(_) | Command::Controller);
+    let quiet = !matches!(
+        cli.command,
+        Command::Agent(_) | Command::Controller | Command::Daemon(_)
+    );
     init_tracing(if quiet { "warn" } else { "info" });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -34,6 +37,7 @@ fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -79,6 +83,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&reply)?);
             if let Some(e) = reply.error {
                 anyhow::bail!("{e}");
+            }
+            Ok(())
+        }
+        Command::Daemon(d) => {
+            let settings = match &d.settings_file {
+                Some(f) => flotilla::stack::load_settings_file(f)?,
+                None => cli.settings(vec![])?,
+            };
+            flotilla::stack::daemon(settings, d.ready_fd, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Kill => {
+            let settings = cli.settings(vec![])?;
+            if let Some(url) = settings.nats.url {
+                return Err(flotilla::stack::StackError::KillInFleet { url }.into());
+            }
+            let home = &settings.home;
+            match flotilla::stack::kill(home, &mut |line| eprintln!("{line}")).await? {
+                Some(info) => println!(
+                    "stopped the local stack in {} (daemon pid {}{})",
+                    flotilla::stack::pretty(home),
+                    info.pid,
+                    if info.nats_pid != 0 {
+                        format!(", nats-server pid {}", info.nats_pid)
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => println!("no local stack runs in {}", flotilla::stack::pretty(home)),
             }
             Ok(())
         }

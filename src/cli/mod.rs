@@ -34,6 +34,22 @@ pub enum Command {
     Events(EventsArgs),
     /// Send one raw control request to an agent (pmctl.agent.<host>.<verb>) and print the reply.
     Ctl(CtlArgs),
+    /// Run the local stack in the foreground: nats-server, an agent and a controller (the CLI
+    /// starts it in the background when no NATS URL is set).
+    Daemon(DaemonArgs),
+    /// Stop the local stack: its workers, the daemon and nats-server (desired state is kept).
+    Kill,
+}
+
+/// `flotilla daemon`
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Descriptor to write one line to once the stack answers (for the CLI that starts it).
+    #[arg(long, hide = true, value_name = "FD")]
+    pub ready_fd: Option<i32>,
+    /// Settings resolved by the CLI that starts the stack (JSON), used instead of the usual sources.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub settings_file: Option<PathBuf>,
 }
 
 /// `flotilla ctl`
