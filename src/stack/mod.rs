@@ -354,6 +354,9 @@ pub async fn ensure(
     progress(&format!("starting the local stack in {}", pretty(&home)));
     let mut daemon_settings = settings.clone();
     daemon_settings.home = home.clone();
+    // The daemon connects its roles to its own server (no auth, no TLS): nothing of `nats`
+    // applies, and no credentials go to disk.
+    daemon_settings.nats = crate::config::NatsSettings::default();
     // Settings are plain data and always serialise.
     let bytes = serde_json::to_vec_pretty(&daemon_settings).unwrap_or_default();
     write_atomic(&paths.settings, &bytes)?;
