@@ -164,7 +164,15 @@ fn racing_ensures_start_exactly_one_stack_that_answers() {
     assert_eq!(starters, 1, "exactly one CLI started it: {results:?}");
     assert_eq!(info.home, home.path());
     assert!(info.url.starts_with("nats://127.0.0.1:"), "{}", info.url);
-    assert!(!info.sync_always, "nats-server 2.9 on this machine");
+    let v = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let pre_2_10 = text(&v.stdout).contains(" v2.9.") || text(&v.stdout).contains(" v2.8.");
+    assert_eq!(
+        info.sync_always, !pre_2_10,
+        "sync_interval: always from 2.10 on"
+    );
 
     // Exactly one daemon and one nats-server for this home.
     let procs = processes_of(&home.path());
