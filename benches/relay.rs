@@ -746,10 +746,7 @@ async fn request(client: &Client, req: Request) -> Res<Reply> {
 }
 
 fn targeted(target: &str) -> TargetRequest {
-    TargetRequest {
-        request_id: Uuid::new_v4(),
-        target: Target::parse(target).expect("valid target"),
-    }
+    TargetRequest::new(Target::parse(target).expect("valid target"))
 }
 
 async fn agent_stats(ctl: &Client) -> Res<AgentStats> {
@@ -1018,6 +1015,7 @@ impl Bench {
             request_id: Uuid::new_v4(),
             target: Target::parse(app).expect("valid app name"),
             message: serde_json::json!({"go": 1, "n": case.per_worker, "rate": case.rate}),
+            pm_ids: vec![],
         };
         let t0 = Instant::now();
         let ctl = self.ctl.clone();

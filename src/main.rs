@@ -59,6 +59,8 @@ async fn shutdown_signal() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    use flotilla::cli::verbs;
+    let settings = || cli.settings(vec![]);
     match &cli.command {
         Command::Agent(a) => {
             let mut extra = vec![];
@@ -73,13 +75,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Controller => {
-            let settings = cli.settings(vec![])?;
-            flotilla::controller::run(settings, shutdown_signal()).await?;
+            flotilla::controller::run(settings()?, shutdown_signal()).await?;
             Ok(())
         }
         Command::Ctl(c) => {
-            let settings = cli.settings(vec![])?;
-            let reply = flotilla::cli::ctl::run(&settings, c).await?;
+            let reply = flotilla::cli::ctl::run(&settings()?, c).await?;
             println!("{}", serde_json::to_string_pretty(&reply)?);
             if let Some(e) = reply.error {
                 anyhow::bail!("{e}");
@@ -116,9 +116,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Events(e) => {
-            let settings = cli.settings(vec![])?;
-            flotilla::cli::events::run(&settings, e, shutdown_signal()).await?;
+            let mut s = settings()?;
+            let client = flotilla::cli::client::Client::connect(&s).await?;
+            s.nats.url = Some(client.url.clone());
+            flotilla::cli::events::run(&s, e, shutdown_signal()).await?;
             Ok(())
         }
+        Command::Start(a) => verbs::start(&settings()?, a).await,
+        Command::Stop(a) => verbs::targeted(&settings()?, "stop", a).await,
+        Command::Restart(a) => verbs::targeted(&settings()?, "restart", a).await,
+        Command::Reload(a) => verbs::targeted(&settings()?, "reload", a).await,
+        Command::Delete(a) => verbs::targeted(&settings()?, "delete", a).await,
+        Command::Scale(a) => verbs::scale(&settings()?, a).await,
+        Command::Ls(a) => verbs::ls(&settings()?, a).await,
+        Command::Describe(a) => verbs::describe(&settings()?, a).await,
+        Command::Logs(a) => verbs::logs(&settings()?, a, shutdown_signal()).await,
+        Command::Send(a) => verbs::send(&settings()?, a).await,
+        Command::Signal(a) => verbs::signal(&settings()?, a).await,
+        Command::Info(a) => verbs::info(&settings()?, a).await,
+        Command::Monit(a) => verbs::monit(&settings()?, a, shutdown_signal()).await,
     }
 }

@@ -104,6 +104,7 @@ async fn node_workers_messages_logs_and_lifecycle_reach_nats_with_metadata() {
             request_id: Uuid::new_v4(),
             target: Target::Id(1),
             message: serde_json::json!({"topic": "hello", "n": [1, 2]}),
+            pm_ids: vec![],
         }
         .into(),
     )
@@ -177,6 +178,7 @@ async fn python_worker_uses_the_channel_on_fd3() {
             request_id: Uuid::new_v4(),
             target: Target::parse("default/py").unwrap(),
             message: serde_json::json!(["any", "json", 1]),
+            pm_ids: vec![],
         }
         .into(),
     )
@@ -461,6 +463,7 @@ async fn bad_requests_get_precise_errors_and_disturb_nothing() {
             request_id: Uuid::new_v4(),
             target: Target::All,
             signal: s.into(),
+            pm_ids: vec![],
         }
         .into()
     };
@@ -475,6 +478,7 @@ async fn bad_requests_get_precise_errors_and_disturb_nothing() {
             request_id: Uuid::new_v4(),
             target: Target::All,
             message: serde_json::json!({"cmd": "NODE_HANDLE_ACK"}),
+            pm_ids: vec![],
         }
         .into(),
     )
@@ -882,7 +886,11 @@ async fn the_agent_converges_to_its_assignment_in_kv_and_keeps_a_local_copy() {
         let mut s = spec("api", "chatty.js");
         s.pm_ids = ids.to_vec();
         s.instances = Some(ids.len() as u32);
-        AssignedApp { spec: s, running }
+        AssignedApp {
+            spec: s,
+            running,
+            stopped: Default::default(),
+        }
     };
     let assign = |apps: Vec<AssignedApp>| {
         let a = Assignment {
@@ -953,6 +961,7 @@ async fn with_nats_down_a_restarted_agent_runs_its_local_copy() {
         apps: vec![AssignedApp {
             spec: s,
             running: true,
+            stopped: Default::default(),
         }],
     };
     let first = up();

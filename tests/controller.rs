@@ -66,12 +66,7 @@ async fn start_places_instances_across_agents_and_ls_gathers_them() {
     let r = api(&client, "start", serde_json::to_vec(&req).unwrap()).await;
     assert!(r.error.is_none(), "{r:?}");
     assert_eq!(r.changes.len(), 4);
-    let on = |h: &str| {
-        r.changes
-            .iter()
-            .filter(|c| c.what == format!("assigned to {h}"))
-            .count()
-    };
+    let on = |h: &str| r.processes.iter().filter(|p| p.meta.host == h).count();
     assert_eq!((on("h1"), on("h2")), (2, 2), "spread over both hosts");
     let mut online = BTreeMap::new();
     events
@@ -88,12 +83,9 @@ async fn start_places_instances_across_agents_and_ls_gathers_them() {
         ..req
     };
     let r = api(&client, "start", serde_json::to_vec(&again).unwrap()).await;
-    assert!(r.error.unwrap().message.contains("already exists"));
+    assert!(r.error.unwrap().message.contains("already runs"));
     // ls gathers every process of the fleet
-    let ls = TargetRequest {
-        request_id: Uuid::new_v4(),
-        target: Target::All,
-    };
+    let ls = TargetRequest::new(Target::All);
     let r = api(&client, "ls", serde_json::to_vec(&ls).unwrap()).await;
     assert!(r.error.is_none(), "{r:?}");
     assert_eq!(r.processes.len(), 4);

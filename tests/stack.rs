@@ -117,10 +117,7 @@ async fn api(client: &async_nats::Client, verb: &str, body: Vec<u8>) -> Reply {
 }
 
 async fn ls(client: &async_nats::Client) -> Reply {
-    let req = TargetRequest {
-        request_id: Uuid::new_v4(),
-        target: Target::All,
-    };
+    let req = TargetRequest::new(Target::All);
     api(client, "ls", serde_json::to_vec(&req).unwrap()).await
 }
 
@@ -321,7 +318,7 @@ async fn desired_state_survives_kill_and_a_new_start() {
     assert!(
         r.error
             .as_ref()
-            .is_some_and(|e| e.message.contains("already exists")),
+            .is_some_and(|e| e.message.contains("already runs")),
         "{r:?}"
     );
 }

@@ -4,17 +4,16 @@
 //! A request id seen before gets the first reply again, even while the first is still running.
 
 use super::supervisor::SupervisorHandle;
+use crate::bus::dedupe::Dedupe;
 use crate::protocol::control::{ControlError, ErrorKind, Reply, Request};
 use crate::protocol::subjects::{HostId, Parsed, Subjects};
 use async_nats::{Client, Message};
 use bytes::Bytes;
 use futures::StreamExt;
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{Semaphore, watch};
+use std::sync::Arc;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use uuid::Uuid;
 
 /// Replies remembered for repeated request ids.
 const REMEMBERED: usize = 4096;
@@ -22,32 +21,6 @@ const REMEMBERED: usize = 4096;
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Requests handled at once.
 const CONCURRENT: usize = 64;
-
-type Slot = watch::Receiver<Option<Bytes>>;
-
-#[derive(Default)]
-struct Dedupe {
-    map: HashMap<Uuid, Slot>,
-    order: VecDeque<Uuid>,
-}
-
-impl Dedupe {
-    /// The slot of a request seen before, or a new slot's sender.
-    fn claim(&mut self, id: Uuid) -> Result<watch::Sender<Option<Bytes>>, Slot> {
-        if let Some(rx) = self.map.get(&id) {
-            return Err(rx.clone());
-        }
-        let (tx, rx) = watch::channel(None);
-        self.map.insert(id, rx);
-        self.order.push_back(id);
-        while self.order.len() > REMEMBERED {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-        Ok(tx)
-    }
-}
 
 /// Serves control requests until `cancel` fires.
 pub async fn serve(
@@ -64,7 +37,7 @@ pub async fn serve(
     if let Err(e) = client.flush().await {
         tracing::warn!("flush after subscribing failed: {e}");
     }
-    let dedupe = Arc::new(Mutex::new(Dedupe::default()));
+    let dedupe = Arc::new(Dedupe::new(REMEMBERED));
     let permits = Arc::new(Semaphore::new(CONCURRENT));
     let ctx = Arc::new((client.clone(), subjects, host, sup));
     tracker.spawn({
@@ -100,7 +73,7 @@ async fn handle(
     subjects: &Subjects,
     host: &HostId,
     sup: &SupervisorHandle,
-    dedupe: &Mutex<Dedupe>,
+    dedupe: &Dedupe,
     msg: Message,
 ) {
     let Some(reply_to) = msg.reply.clone() else {
@@ -115,30 +88,23 @@ async fn handle(
         Err(e) => encode(&Reply::err(None, host.as_str(), e)),
         Ok(req) => {
             let id = req.request_id();
-            let claim = dedupe.lock().unwrap_or_else(|p| p.into_inner()).claim(id);
-            match claim {
-                Ok(slot) => {
-                    tracing::debug!(verb, %id, "request");
-                    let reply = sup.request(req, host.as_str()).await;
-                    let b = encode(&reply);
-                    slot.send_replace(Some(b.clone()));
-                    b
-                }
-                Err(mut seen) => {
-                    tracing::debug!(verb, %id, "repeated request: answering with the first reply");
-                    match seen.wait_for(Option::is_some).await {
-                        Ok(b) => b.clone().unwrap_or_default(),
-                        Err(_) => encode(&Reply::err(
-                            Some(id),
-                            host.as_str(),
-                            ControlError::new(
-                                ErrorKind::Internal,
-                                "the first copy of this request was lost: retry with a new request id",
-                            ),
-                        )),
-                    }
-                }
-            }
+            tracing::debug!(verb, %id, "request");
+            let work = async {
+                let reply = sup.request(req, host.as_str()).await;
+                encode(&reply)
+            };
+            dedupe
+                .reply(id, work, || {
+                    encode(&Reply::err(
+                        Some(id),
+                        host.as_str(),
+                        ControlError::new(
+                            ErrorKind::Internal,
+                            "the first copy of this request was lost: retry with a new request id",
+                        ),
+                    ))
+                })
+                .await
         }
     };
     // Bounded: while NATS is down the client's queue may be full, and a reply nobody can

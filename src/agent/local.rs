@@ -99,6 +99,7 @@ mod tests {
             apps: vec![AssignedApp {
                 spec: AppSpec::new("api", "/srv/a.js"),
                 running: true,
+                stopped: Default::default(),
             }],
         };
         save(&f, &a).unwrap();

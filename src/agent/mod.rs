@@ -13,10 +13,11 @@ pub mod ipc;
 pub mod local;
 pub mod policy;
 pub mod relay;
-pub mod signals;
+pub use crate::protocol::signals;
 pub mod spawn;
 pub mod stats;
 pub mod supervisor;
+pub mod tail;
 pub mod worker;
 
 use crate::bus::{self, BusError, Outgoing, Relay};

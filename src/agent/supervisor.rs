@@ -10,8 +10,8 @@ use super::spawn::{self, Identity, Launch};
 use super::stats::CpuMeter;
 use super::worker::{self, RunContext, WorkerEvent};
 use crate::protocol::control::{
-    AgentStats, Change, ControlError, ErrorKind, ProcessInfo, Reply, Request, SendRequest,
-    SignalRequest, StartRequest, Target, TargetRequest,
+    AgentStats, Change, ControlError, ErrorKind, LogTail, LogsRequest, ProcessInfo, Reply, Request,
+    SendRequest, SignalRequest, StartRequest, Target, TargetRequest,
 };
 use crate::protocol::envelope::{EventFields, ProcessMeta, Status, now_ms};
 use crate::protocol::state::Assignment;
@@ -151,6 +151,8 @@ struct Proc {
     manual_restart_event: bool,
     announce_stop: bool,
     waiters: Vec<u64>,
+    /// Reloads waiting for this run to be online (ready).
+    online_waiters: Vec<u64>,
     exit_code: Option<i32>,
     meter: CpuMeter,
     out_log: PathBuf,
@@ -163,6 +165,8 @@ struct Op {
     reply: oneshot::Sender<Reply>,
     waiting: BTreeSet<u32>,
     changes: Vec<Change>,
+    /// A reload: each process settles when its new run is online, not when it is spawned.
+    until_online: bool,
 }
 
 struct Supervisor {
@@ -174,6 +178,8 @@ struct Supervisor {
     next_pm_id: u32,
     shutdown: Option<oneshot::Sender<()>>,
     agent_meter: CpuMeter,
+    /// The assignment applied last (convergence compares against it).
+    applied: Option<Assignment>,
 }
 
 /// Starts the supervisor task on the config's tracker.
@@ -193,6 +199,7 @@ pub fn start(cfg: SupervisorConfig) -> SupervisorHandle {
         next_pm_id: 0,
         shutdown: None,
         agent_meter: CpuMeter::default(),
+        applied: None,
     };
     tracker.spawn(sup.run(rx, wtx));
     SupervisorHandle { tx }
@@ -295,9 +302,11 @@ impl Supervisor {
             Request::List(r) => self.list(&r),
             Request::Send(r) => self.send(r),
             Request::Signal(r) => self.signal(r),
-            Request::Stop(r) => return self.targeted(r, AfterStop::Nothing, reply, wtx),
-            Request::Restart(r) => return self.targeted(r, AfterStop::Restart, reply, wtx),
-            Request::Delete(r) => return self.targeted(r, AfterStop::Delete, reply, wtx),
+            Request::Logs(r) => self.logs(&r),
+            Request::Stop(r) => return self.targeted(r, AfterStop::Nothing, false, reply, wtx),
+            Request::Restart(r) => return self.targeted(r, AfterStop::Restart, false, reply, wtx),
+            Request::Reload(r) => return self.targeted(r, AfterStop::Restart, true, reply, wtx),
+            Request::Delete(r) => return self.targeted(r, AfterStop::Delete, false, reply, wtx),
         };
         let out = match res {
             Ok(r) => r,
@@ -323,6 +332,28 @@ impl Supervisor {
             ));
         }
         Ok(ids)
+    }
+
+    /// The processes a request is about, and (when the request names pm_ids) the ones this
+    /// agent does not have.
+    fn select(
+        &self,
+        target: &Target,
+        pm_ids: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u32>), ControlError> {
+        if pm_ids.is_empty() {
+            return self.matching(target).map(|ids| (ids, vec![]));
+        }
+        let (mut have, mut absent) = (vec![], vec![]);
+        for &id in pm_ids {
+            match self.procs.get(&id) {
+                Some(p) if target.matches(&p.meta) => have.push(id),
+                _ => absent.push(id),
+            }
+        }
+        have.sort_unstable();
+        have.dedup();
+        Ok((have, absent))
     }
 
     fn info(&mut self, pm_id: u32) -> Option<ProcessInfo> {
@@ -358,10 +389,46 @@ impl Supervisor {
     }
 
     fn list(&mut self, r: &TargetRequest) -> Result<Reply, ControlError> {
-        let ids = self.matching(&r.target)?;
+        let (ids, _) = self.select(&r.target, &r.pm_ids)?;
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         reply.processes = ids.into_iter().filter_map(|id| self.info(id)).collect();
         reply.agent = Some(self.agent_stats());
+        Ok(reply)
+    }
+
+    /// The last lines of each process's log files (bounded so the reply fits in a message).
+    fn logs(&mut self, r: &LogsRequest) -> Result<Reply, ControlError> {
+        let (ids, _) = self.select(&r.target, &r.pm_ids)?;
+        let lines = r.lines.min(10_000) as usize;
+        let files = (ids.len() * 2).max(1) as u64;
+        // Half the largest message for the whole reply, shared by the files.
+        let per_file = (self.cfg.hub.max_message() as u64 / 2 / files).max(1024);
+        let mut reply = Reply::ok(Some(r.request_id), self.host());
+        for id in ids {
+            let p = &self.procs[&id];
+            for (stream, path) in [("out", &p.out_log), ("err", &p.err_log)] {
+                let (got, truncated) = super::tail::tail(path, lines, per_file).map_err(|e| {
+                    ControlError::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "cannot read {} on host {}: {e}",
+                            path.display(),
+                            self.host()
+                        ),
+                    )
+                })?;
+                reply.logs.push(LogTail {
+                    pm_id: id,
+                    name: p.meta.name.clone(),
+                    namespace: p.meta.namespace.clone(),
+                    host: self.cfg.host.clone(),
+                    stream: stream.into(),
+                    path: path.clone(),
+                    lines: got,
+                    truncated,
+                });
+            }
+        }
         Ok(reply)
     }
 
@@ -395,7 +462,7 @@ impl Supervisor {
                     alive: crate::protocol::control::is_alive(p.meta.status),
                 })
                 .collect();
-            converge::plan(&have, &a)
+            converge::plan(&have, self.applied.as_ref(), &a)
         };
         if !steps.is_empty() {
             tracing::info!(steps = steps.len(), "converging to the assignment");
@@ -414,6 +481,11 @@ impl Supervisor {
                         p.announce_stop = true; // `stop` once it has exited
                     }
                 }
+                Action::Resume(id) => {
+                    if !self.stop_one(id, AfterStop::Restart, None) {
+                        self.manual_restart(id, wtx);
+                    }
+                }
                 Action::Respec(id, spec) => match spawn::resolve(&spec, &self.cfg.host) {
                     Ok(launch) => {
                         if let Some(p) = self.procs.get_mut(&id) {
@@ -430,7 +502,7 @@ impl Supervisor {
                     let name = format!("{}/{}", spec.namespace, spec.name);
                     let req = StartRequest {
                         request_id: Uuid::new_v4(),
-                        app: spec,
+                        app: spec.clone(),
                         force: true,
                     };
                     match self.start(req, wtx) {
@@ -438,11 +510,15 @@ impl Supervisor {
                         Ok(r) => {
                             tracing::error!(app = %name, "assigned app did not start: {:?}", r.error)
                         }
-                        Err(e) => tracing::error!(app = %name, "assigned app cannot start: {e}"),
+                        Err(e) => {
+                            tracing::error!(app = %name, "assigned app cannot start: {e}");
+                            self.report_unstartable(&spec, &e);
+                        }
                     }
                 }
             }
         }
+        self.applied = Some(a);
     }
 
     /// pm2's `max_memory_restart`: checked at every heartbeat sample; a worker over its limit is
@@ -499,6 +575,10 @@ impl Supervisor {
             )
         })?;
         let launch = Arc::new(spawn::resolve(&spec, self.host())?);
+        let mut reply = Reply::ok(Some(r.request_id), self.host());
+        if !spec.pm_ids.is_empty() {
+            return self.start_assigned(app, spec, launch, reply, wtx);
+        }
         let existing: Vec<u32> = self
             .procs
             .values()
@@ -506,7 +586,6 @@ impl Supervisor {
             .map(|p| p.meta.pm_id)
             .collect();
         let spec = Arc::new(spec);
-        let mut reply = Reply::ok(Some(r.request_id), self.host());
         if !existing.is_empty() && !r.force {
             let alive: Vec<u32> = existing
                 .iter()
@@ -532,13 +611,7 @@ impl Supervisor {
             }
             // pm2: `start` of a stopped app starts it again, with the new options.
             for id in existing {
-                if let Some(p) = self.procs.get_mut(&id) {
-                    p.spec = spec.clone();
-                    p.launch = launch.clone();
-                    p.policy.reset(Instant::now());
-                    p.relay.event(&EventFields::named("start").manually(true));
-                }
-                self.spawn_proc(id, wtx);
+                self.start_again(id, &spec, &launch, wtx);
                 reply.changes.push(Change {
                     pm_id: id,
                     what: "started".into(),
@@ -547,44 +620,139 @@ impl Supervisor {
             }
             return Ok(reply);
         }
-        let ids: Vec<u32> = if spec.pm_ids.is_empty() {
-            // Lowest free ids from the counter on (controller-chosen ids may sit above it).
-            let mut ids = Vec::with_capacity(instances as usize);
-            let mut next = self.next_pm_id;
-            while ids.len() < instances as usize {
-                if !self.procs.contains_key(&next) {
-                    ids.push(next);
+        // Lowest free ids from the counter on (controller-chosen ids may sit above it).
+        let mut ids = Vec::with_capacity(instances as usize);
+        let mut next = self.next_pm_id;
+        while ids.len() < instances as usize {
+            if !self.procs.contains_key(&next) {
+                ids.push(next);
+            }
+            next = next.checked_add(1).ok_or_else(|| {
+                ControlError::new(ErrorKind::InvalidValue, "no pm_id is left on this agent")
+            })?;
+        }
+        let numbers: Vec<u32> = (0..instances).collect();
+        self.create(&app, &spec, &launch, &ids, &numbers, &mut reply, wtx)?;
+        Ok(reply)
+    }
+
+    /// A start with the pm_ids chosen by the controller: idempotent, so that it and the
+    /// convergence to the same assignment can arrive in either order. Ids already here with the
+    /// same app are left running (`already online`), started again when stopped, or restarted
+    /// when their options changed; the others are created.
+    fn start_assigned(
+        &mut self,
+        app: AppKey,
+        spec: AppSpec,
+        launch: Arc<Launch>,
+        mut reply: Reply,
+        wtx: &mpsc::Sender<WorkerEvent>,
+    ) -> Result<Reply, ControlError> {
+        let n = spec.instances.unwrap_or(1) as usize;
+        if spec.pm_ids.len() != n {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                format!("pm_ids has {} ids for {n} instances", spec.pm_ids.len()),
+            ));
+        }
+        if !spec.instance_numbers.is_empty() && spec.instance_numbers.len() != n {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                format!(
+                    "instance_numbers has {} numbers for {n} instances",
+                    spec.instance_numbers.len()
+                ),
+            ));
+        }
+        let distinct: BTreeSet<u32> = spec.pm_ids.iter().copied().collect();
+        if distinct.len() != spec.pm_ids.len() {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                "pm_ids has the same id twice: each instance needs its own",
+            ));
+        }
+        if let Some(p) = spec
+            .pm_ids
+            .iter()
+            .filter_map(|id| self.procs.get(id))
+            .find(|p| p.app != app)
+        {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                format!(
+                    "pm_id {} is already used by {} on host {}",
+                    p.meta.pm_id,
+                    p.app,
+                    self.host()
+                ),
+            ));
+        }
+        let spec = Arc::new(spec);
+        let (mut ids, mut numbers) = (vec![], vec![]);
+        for (i, &id) in spec.pm_ids.iter().enumerate() {
+            let Some(p) = self.procs.get(&id) else {
+                ids.push(id);
+                numbers.push(spec.instance_numbers.get(i).copied().unwrap_or(i as u32));
+                continue;
+            };
+            let same = converge::same_shape(&p.spec, &spec);
+            let alive = crate::protocol::control::is_alive(p.meta.status);
+            let what = if !same && alive {
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.spec = spec.clone();
+                    p.launch = launch.clone();
                 }
-                next = next.checked_add(1).ok_or_else(|| {
-                    ControlError::new(ErrorKind::InvalidValue, "no pm_id is left on this agent")
-                })?;
-            }
-            ids
-        } else {
-            if spec.pm_ids.len() != instances as usize {
-                return Err(ControlError::new(
-                    ErrorKind::InvalidValue,
-                    format!(
-                        "pm_ids has {} ids for {instances} instances",
-                        spec.pm_ids.len()
-                    ),
-                ));
-            }
-            let distinct: std::collections::BTreeSet<u32> = spec.pm_ids.iter().copied().collect();
-            if distinct.len() != spec.pm_ids.len() {
-                return Err(ControlError::new(
-                    ErrorKind::InvalidValue,
-                    "pm_ids has the same id twice: each instance needs its own",
-                ));
-            }
-            if let Some(taken) = spec.pm_ids.iter().find(|id| self.procs.contains_key(id)) {
-                return Err(ControlError::new(
-                    ErrorKind::InvalidValue,
-                    format!("pm_id {taken} is already used on host {}", self.host()),
-                ));
-            }
-            spec.pm_ids.clone()
-        };
+                if !self.stop_one(id, AfterStop::Restart, None) {
+                    self.manual_restart(id, wtx);
+                }
+                "restarted with the new options"
+            } else if !alive {
+                self.start_again(id, &spec, &launch, wtx);
+                "started"
+            } else {
+                "already online"
+            };
+            reply.changes.push(Change {
+                pm_id: id,
+                what: what.into(),
+            });
+            reply.processes.extend(self.info(id));
+        }
+        if !ids.is_empty() {
+            self.create(&app, &spec, &launch, &ids, &numbers, &mut reply, wtx)?;
+        }
+        Ok(reply)
+    }
+
+    /// pm2: `start` of a stopped app starts it again, with the options given.
+    fn start_again(
+        &mut self,
+        id: u32,
+        spec: &Arc<AppSpec>,
+        launch: &Arc<Launch>,
+        wtx: &mpsc::Sender<WorkerEvent>,
+    ) {
+        if let Some(p) = self.procs.get_mut(&id) {
+            p.spec = spec.clone();
+            p.launch = launch.clone();
+            p.policy.reset(Instant::now());
+            p.relay.event(&EventFields::named("start").manually(true));
+        }
+        self.spawn_proc(id, wtx);
+    }
+
+    /// Creates and spawns the processes `ids` (instance numbers `numbers`) of `app`.
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        app: &AppKey,
+        spec: &Arc<AppSpec>,
+        launch: &Arc<Launch>,
+        ids: &[u32],
+        numbers: &[u32],
+        reply: &mut Reply,
+        wtx: &mpsc::Sender<WorkerEvent>,
+    ) -> Result<(), ControlError> {
         let app_id = spec.app_id.unwrap_or_else(Uuid::new_v4);
         std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| {
             ControlError::new(
@@ -595,6 +763,7 @@ impl Supervisor {
                 ),
             )
         })?;
+        let instances = spec.instances.unwrap_or(ids.len() as u32);
         for (i, &pm_id) in ids.iter().enumerate() {
             self.next_pm_id = self.next_pm_id.max(pm_id.saturating_add(1));
             let meta = ProcessMeta {
@@ -604,14 +773,14 @@ impl Supervisor {
                 rev: None,
                 host: self.cfg.host.clone(),
                 pid: 0,
-                instance: i as u32,
+                instance: numbers.get(i).copied().unwrap_or(i as u32),
                 exec_mode: launch.exec_mode,
                 status: Status::Launching,
                 restart_time: 0,
                 pm_uptime: 0,
                 app_id,
             };
-            let relay = self.cfg.hub.worker(&app, &meta);
+            let relay = self.cfg.hub.worker(app, &meta);
             let log = |kind: &str| {
                 self.cfg
                     .log_dir
@@ -632,6 +801,7 @@ impl Supervisor {
                 manual_restart_event: false,
                 announce_stop: false,
                 waiters: vec![],
+                online_waiters: vec![],
                 exit_code: None,
                 meter: CpuMeter::default(),
                 instances,
@@ -650,14 +820,43 @@ impl Supervisor {
             .filter(|id| self.procs[id].meta.status == Status::Errored)
             .map(|id| id.to_string())
             .collect();
-        reply.processes = ids.iter().filter_map(|&id| self.info(id)).collect();
+        reply
+            .processes
+            .extend(ids.iter().filter_map(|&id| self.info(id)));
         if !failed.is_empty() {
             reply.error = Some(spawn_failed(
                 &format!("{app}: pm_id {} could not be spawned", failed.join(", ")),
                 self.host(),
             ));
         }
-        Ok(reply)
+        Ok(())
+    }
+
+    /// An assigned app that cannot start here (its script is missing, ...): a `spawn:error`
+    /// event per pm_id, so whoever watches the app (the CLI waiting for `online`) hears why.
+    fn report_unstartable(&self, spec: &AppSpec, e: &ControlError) {
+        let Ok(app) = AppKey::new(&spec.namespace, &spec.name) else {
+            return;
+        };
+        for (i, &pm_id) in spec.pm_ids.iter().enumerate() {
+            let meta = ProcessMeta {
+                pm_id,
+                name: app.name().into(),
+                namespace: app.namespace().into(),
+                rev: None,
+                host: self.cfg.host.clone(),
+                pid: 0,
+                instance: spec.instance_numbers.get(i).copied().unwrap_or(i as u32),
+                exec_mode: spec.exec_mode.unwrap_or_default(),
+                status: Status::Errored,
+                restart_time: 0,
+                pm_uptime: 0,
+                app_id: spec.app_id.unwrap_or_default(),
+            };
+            let relay = self.cfg.hub.worker(&app, &meta);
+            relay.event(&EventFields::named("spawn:error").reason(e.message.clone()));
+            self.cfg.hub.retire(&relay);
+        }
     }
 
     /// Spawns a new run of `pm_id`; on failure the process is `errored` with an event.
@@ -771,6 +970,8 @@ impl Supervisor {
                 ));
             }
             p.relay.event(&ev);
+            let waiters = std::mem::take(&mut p.online_waiters);
+            self.settle(pm_id, waiters, "reloaded");
         }
     }
 
@@ -859,16 +1060,18 @@ impl Supervisor {
         }
     }
 
-    /// `stop`, `restart`, `delete`: act now, reply when every process concerned has settled.
+    /// `stop`, `restart`, `reload`, `delete`: act now, reply when every process concerned has
+    /// settled (for a reload: when its new run is online).
     fn targeted(
         &mut self,
         r: TargetRequest,
         after: AfterStop,
+        until_online: bool,
         reply: oneshot::Sender<Reply>,
         wtx: &mpsc::Sender<WorkerEvent>,
     ) {
-        let ids = match self.matching(&r.target) {
-            Ok(ids) => ids,
+        let (ids, absent) = match self.select(&r.target, &r.pm_ids) {
+            Ok(x) => x,
             Err(e) => {
                 let _ = reply.send(Reply::err(Some(r.request_id), self.host(), e));
                 return;
@@ -880,7 +1083,14 @@ impl Supervisor {
             request_id: r.request_id,
             reply,
             waiting: BTreeSet::new(),
-            changes: vec![],
+            changes: absent
+                .into_iter()
+                .map(|pm_id| Change {
+                    pm_id,
+                    what: "absent".into(),
+                })
+                .collect(),
+            until_online,
         };
         for id in ids {
             let was = self.procs[&id].meta.status;
@@ -905,7 +1115,19 @@ impl Supervisor {
                 }
                 AfterStop::Restart => {
                     self.manual_restart(id, wtx);
-                    "restarted"
+                    if until_online {
+                        match self.procs.get_mut(&id) {
+                            Some(p) if p.meta.status == Status::Launching && p.run.is_some() => {
+                                p.online_waiters.push(op_id);
+                                op.waiting.insert(id);
+                                continue;
+                            }
+                            Some(p) if p.meta.status == Status::Online => "reloaded",
+                            _ => NOT_RESTARTED,
+                        }
+                    } else {
+                        "restarted"
+                    }
                 }
                 AfterStop::Delete => {
                     self.delete_now(id);
@@ -922,6 +1144,11 @@ impl Supervisor {
         } else {
             self.ops.insert(op_id, op);
         }
+    }
+
+    /// True when the op waits for online runs (a reload).
+    fn until_online(&self, op_id: u64) -> bool {
+        self.ops.get(&op_id).is_some_and(|op| op.until_online)
     }
 
     fn emit(&self, pm_id: u32, ev: EventFields) {
@@ -1004,6 +1231,7 @@ impl Supervisor {
             return;
         }
         let run = p.run.take().expect("checked above");
+        let early = std::mem::take(&mut p.online_waiters);
         let (code, signal) = match &status {
             Ok(s) => (s.code(), s.signal().map(signals::name)),
             Err(e) => {
@@ -1019,6 +1247,12 @@ impl Supervisor {
             ..EventFields::named("exit")
         };
         tracing::info!(pm_id, ?code, ?signal, app = %p.app, "worker exited");
+        if !early.is_empty() {
+            self.settle(pm_id, early, "exited before it was online");
+        }
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
 
         if p.meta.status == Status::Stopping {
             // Stragglers in the group get the rest of kill_timeout, then SIGKILL.
@@ -1069,7 +1303,19 @@ impl Supervisor {
                     } else {
                         NOT_RESTARTED
                     };
-                    self.settle(pm_id, waiters, word);
+                    // Reloads settle when the new run is online; the rest now.
+                    let (reloads, others): (Vec<u64>, Vec<u64>) =
+                        waiters.into_iter().partition(|&op| self.until_online(op));
+                    self.settle(pm_id, others, word);
+                    let launching = self
+                        .procs
+                        .get_mut(&pm_id)
+                        .filter(|p| running && p.meta.status == Status::Launching);
+                    match launching {
+                        Some(p) => p.online_waiters.extend(reloads),
+                        None if running => self.settle(pm_id, reloads, "reloaded"),
+                        None => self.settle(pm_id, reloads, word),
+                    }
                 }
                 AfterStop::Delete => {
                     self.delete_now(pm_id);
@@ -1135,7 +1381,7 @@ impl Supervisor {
         let mut line = serde_json::to_vec(&r.message).expect("a JSON value always serialises");
         line.push(b'\n');
         let line = bytes::Bytes::from(line);
-        let ids = self.matching(&r.target)?;
+        let (ids, _) = self.select(&r.target, &r.pm_ids)?;
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         for id in ids {
             let p = &self.procs[&id];
@@ -1176,7 +1422,7 @@ impl Supervisor {
 
     fn signal(&mut self, r: SignalRequest) -> Result<Reply, ControlError> {
         let sig = signals::parse(&r.signal)?;
-        let ids = self.matching(&r.target)?;
+        let (ids, _) = self.select(&r.target, &r.pm_ids)?;
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         for id in ids {
             let p = &self.procs[&id];

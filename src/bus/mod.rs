@@ -6,6 +6,7 @@
 //! producers never call it: they `try_send` into [`Relay`], which drops and counts when full.
 //! One publisher task keeps order: per worker, messages leave in the order they were read.
 
+pub mod dedupe;
 pub mod store;
 
 use crate::config::Settings;

@@ -225,6 +225,28 @@ impl Store {
         }))
     }
 
+    /// Every live key that starts with `prefix`, sorted.
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        use futures::TryStreamExt;
+        let err = |e: &dyn std::fmt::Display| StoreError::Nats {
+            what: "listing",
+            key: format!("{prefix}*"),
+            reason: e.to_string(),
+        };
+        let listing = async {
+            let keys = self.kv.keys().await.map_err(|e| err(&e))?;
+            keys.try_filter(|k| std::future::ready(k.starts_with(prefix)))
+                .try_collect::<Vec<String>>()
+                .await
+                .map_err(|e| err(&e))
+        };
+        let mut keys = tokio::time::timeout(self.deadline, listing)
+            .await
+            .unwrap_or_else(|_| Err(err(&"no answer in time")))?;
+        keys.sort();
+        Ok(keys)
+    }
+
     /// Deletes `key` if it still has `revision` (a tombstone that keeps history).
     pub async fn delete_if(&self, key: &str, revision: u64) -> Result<(), StoreError> {
         self.kv

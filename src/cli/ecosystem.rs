@@ -398,6 +398,16 @@ fn split_words(s: &str) -> Vec<String> {
     out
 }
 
+/// `-i` on the command line, with pm2's rules (see [`instances`]).
+pub fn parse_instances(s: &str, cpus: u32) -> Option<u32> {
+    instances(&Value::String(s.to_string()), cpus)
+}
+
+/// `--max-memory-restart 200M`, with pm2's rules.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    bytes(&Value::String(s.to_string()))
+}
+
 /// pm2's instances: a number; 0 or "max" is the CPU count; -n is CPUs minus n; at least 1.
 fn instances(v: &Value, cpus: u32) -> Option<u32> {
     let n: i64 = match v {

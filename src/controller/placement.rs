@@ -37,6 +37,18 @@ pub fn place(
     hosts: &[String],
     labels: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, u32>, PlacementError> {
+    add(instances, candidates, &BTreeMap::new(), hosts, labels)
+}
+
+/// Places `instances` more instances of an app that has `current` instances per host already
+/// (scale up): the same rule, counting the ones in place.
+pub fn add(
+    instances: u32,
+    candidates: &[Candidate],
+    current: &BTreeMap<String, u32>,
+    hosts: &[String],
+    labels: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, u32>, PlacementError> {
     for h in hosts {
         if !candidates.iter().any(|c| &c.host == h) {
             return Err(PlacementError::UnknownHost(h.clone()));
@@ -64,7 +76,10 @@ pub fn place(
         return Err(PlacementError::NoHost(why));
     }
     // (instances of this app on the host, its load, host id): spread first, then least loaded.
-    let mut slots: Vec<(u32, u32, &str)> = eligible.iter().map(|&(l, h)| (0, l, h)).collect();
+    let mut slots: Vec<(u32, u32, &str)> = eligible
+        .iter()
+        .map(|&(l, h)| (current.get(h).copied().unwrap_or(0), l, h))
+        .collect();
     let mut out: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..instances {
         slots.sort();
@@ -105,6 +120,17 @@ mod tests {
             ]
             .into()
         );
+    }
+
+    #[test]
+    fn scale_up_fills_the_hosts_with_fewest_instances_first() {
+        let cs = [c("a", 5, &[]), c("b", 5, &[]), c("new", 0, &[])];
+        let current: BTreeMap<_, _> = [("a".to_string(), 2), ("b".to_string(), 2)].into();
+        let p = add(3, &cs, &current, &[], &BTreeMap::new()).unwrap();
+        // Fewest of this app first: the new host gets all three (it then has 3, the others 2).
+        assert_eq!(p, [("new".to_string(), 3)].into());
+        let p = add(4, &cs, &current, &[], &BTreeMap::new()).unwrap();
+        assert_eq!(p, [("a".to_string(), 1), ("new".to_string(), 3)].into());
     }
 
     #[test]

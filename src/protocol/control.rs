@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 /// The verbs an agent answers.
 pub const AGENT_VERBS: &[&str] = &[
-    "start", "stop", "restart", "delete", "send", "signal", "list",
+    "start", "stop", "restart", "reload", "delete", "send", "signal", "list", "logs",
 ];
 
 /// Which processes a request is about: a name, `ns/name`, a pm_id, or `all`.
@@ -250,6 +250,10 @@ pub struct AppSpec {
     /// pm_ids chosen by the controller, one per instance; the agent allocates when empty.
     #[serde(default)]
     pub pm_ids: Vec<u32>,
+    /// Fleet-wide instance numbers (`NODE_APP_INSTANCE`), parallel to `pm_ids`; empty means
+    /// 0, 1, ... in order (a host's share of a fleet app gets its numbers from the controller).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instance_numbers: Vec<u32>,
 }
 
 impl fmt::Debug for AppSpec {
@@ -290,7 +294,7 @@ pub struct StartRequest {
     pub force: bool,
 }
 
-/// `stop`, `restart`, `delete`, `list`: a target.
+/// `stop`, `restart`, `reload`, `delete`, `list`: a target.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetRequest {
     /// Idempotency key.
@@ -298,6 +302,65 @@ pub struct TargetRequest {
     /// Which processes.
     #[serde(default = "target_all")]
     pub target: Target,
+    /// When not empty: exactly these processes among those `target` matches (the controller
+    /// sends them); ids this agent does not have are reported as `absent`, not as an error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pm_ids: Vec<u32>,
+}
+
+impl TargetRequest {
+    /// A request for `target` with a fresh id.
+    pub fn new(target: Target) -> Self {
+        Self {
+            request_id: Uuid::new_v4(),
+            target,
+            pm_ids: vec![],
+        }
+    }
+}
+
+/// `logs`: the last lines of each targeted process's log files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogsRequest {
+    /// Idempotency key.
+    pub request_id: Uuid,
+    /// Which processes.
+    #[serde(default = "target_all")]
+    pub target: Target,
+    /// See [`TargetRequest::pm_ids`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pm_ids: Vec<u32>,
+    /// Lines per file (pm2's default is 15).
+    #[serde(default = "default_lines")]
+    pub lines: u32,
+}
+
+fn default_lines() -> u32 {
+    15
+}
+
+/// The last lines of one log file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogTail {
+    /// The process.
+    pub pm_id: u32,
+    /// App name.
+    pub name: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// Host.
+    #[serde(default)]
+    pub host: String,
+    /// `out` or `err`.
+    pub stream: String,
+    /// The file.
+    pub path: PathBuf,
+    /// The lines, oldest first, without newlines.
+    pub lines: Vec<String>,
+    /// True when earlier lines were left out to keep the reply small.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 fn target_all() -> Target {
@@ -313,6 +376,9 @@ pub struct SendRequest {
     pub target: Target,
     /// The JSON value, delivered as given.
     pub message: serde_json::Value,
+    /// See [`TargetRequest::pm_ids`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pm_ids: Vec<u32>,
 }
 
 /// `signal`: send a signal to each targeted worker.
@@ -324,6 +390,9 @@ pub struct SignalRequest {
     pub target: Target,
     /// `SIGUSR2`, `USR2` or a number.
     pub signal: String,
+    /// See [`TargetRequest::pm_ids`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pm_ids: Vec<u32>,
 }
 
 /// A request to an agent; the verb comes from the subject.
@@ -335,6 +404,8 @@ pub enum Request {
     Stop(TargetRequest),
     /// `restart`
     Restart(TargetRequest),
+    /// `reload`: a restart whose reply waits until the new run is online (ready).
+    Reload(TargetRequest),
     /// `delete`
     Delete(TargetRequest),
     /// `send`
@@ -343,6 +414,8 @@ pub enum Request {
     Signal(SignalRequest),
     /// `list`
     List(TargetRequest),
+    /// `logs`
+    Logs(LogsRequest),
 }
 
 impl From<StartRequest> for Request {
@@ -376,6 +449,8 @@ impl Request {
             "start" => Request::Start(de(verb, body)?),
             "stop" => Request::Stop(de(verb, body)?),
             "restart" => Request::Restart(de(verb, body)?),
+            "reload" => Request::Reload(de(verb, body)?),
+            "logs" => Request::Logs(de(verb, body)?),
             "delete" => Request::Delete(de(verb, body)?),
             "send" => Request::Send(de(verb, body)?),
             "signal" => Request::Signal(de(verb, body)?),
@@ -398,6 +473,8 @@ impl Request {
             Request::Start(_) => "start",
             Request::Stop(_) => "stop",
             Request::Restart(_) => "restart",
+            Request::Reload(_) => "reload",
+            Request::Logs(_) => "logs",
             Request::Delete(_) => "delete",
             Request::Send(_) => "send",
             Request::Signal(_) => "signal",
@@ -409,9 +486,12 @@ impl Request {
     pub fn request_id(&self) -> Uuid {
         match self {
             Request::Start(r) => r.request_id,
-            Request::Stop(r) | Request::Restart(r) | Request::Delete(r) | Request::List(r) => {
-                r.request_id
-            }
+            Request::Stop(r)
+            | Request::Restart(r)
+            | Request::Reload(r)
+            | Request::Delete(r)
+            | Request::List(r) => r.request_id,
+            Request::Logs(r) => r.request_id,
             Request::Send(r) => r.request_id,
             Request::Signal(r) => r.request_id,
         }
@@ -421,9 +501,12 @@ impl Request {
     pub fn to_body(&self) -> Vec<u8> {
         let r = match self {
             Request::Start(r) => serde_json::to_vec(r),
-            Request::Stop(r) | Request::Restart(r) | Request::Delete(r) | Request::List(r) => {
-                serde_json::to_vec(r)
-            }
+            Request::Stop(r)
+            | Request::Restart(r)
+            | Request::Reload(r)
+            | Request::Delete(r)
+            | Request::List(r) => serde_json::to_vec(r),
+            Request::Logs(r) => serde_json::to_vec(r),
             Request::Send(r) => serde_json::to_vec(r),
             Request::Signal(r) => serde_json::to_vec(r),
         };
@@ -461,6 +544,8 @@ pub enum ErrorKind {
     InvalidValue,
     /// The agent is shutting down.
     ShuttingDown,
+    /// An agent (or the controller) did not answer in time.
+    Unreachable,
     /// Anything else.
     Internal,
     /// A kind this version does not know (from a newer peer).
@@ -583,6 +668,28 @@ pub struct Reply {
     /// The agent's figures (`list`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentStats>,
+    /// Log tails (`logs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogTail>,
+    /// The hosts the controller sees (`info`, `hosts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<super::fleet::HostView>,
+    /// The controller that answered (`info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerInfo>,
+}
+
+/// A controller, as `info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    /// Its id (random at each start).
+    pub id: Uuid,
+    /// Its version.
+    pub version: String,
+    /// The host it runs on (hostname).
+    pub host: String,
+    /// Epoch ms of its start.
+    pub started_at: u64,
 }
 
 impl Reply {
@@ -595,6 +702,9 @@ impl Reply {
             changes: vec![],
             processes: vec![],
             agent: None,
+            logs: vec![],
+            hosts: vec![],
+            controller: None,
         }
     }
     /// An error reply.

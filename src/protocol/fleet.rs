@@ -86,3 +86,42 @@ pub struct HostEvent {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
+
+/// A host as the controller sees it (`info` and `hosts` replies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostView {
+    /// Host id.
+    pub host: String,
+    /// Host labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Agent version.
+    #[serde(default)]
+    pub version: String,
+    /// `online` (heard from within `host_lost_after`) or `lost`.
+    pub state: String,
+    /// Milliseconds since its last heartbeat.
+    #[serde(default)]
+    pub last_seen_ms: u64,
+    /// Processes in its table.
+    #[serde(default)]
+    pub processes: u32,
+    /// Processes online.
+    #[serde(default)]
+    pub online: u32,
+    /// CPUs.
+    #[serde(default)]
+    pub cpus: u32,
+    /// One-minute load average.
+    #[serde(default)]
+    pub load1: f64,
+    /// Memory total, bytes.
+    #[serde(default)]
+    pub mem_total: u64,
+    /// Memory available, bytes.
+    #[serde(default)]
+    pub mem_available: u64,
+    /// Agent resident memory, bytes.
+    #[serde(default)]
+    pub agent_memory: u64,
+}

@@ -297,10 +297,7 @@ pub fn start(spec: AppSpec) -> Request {
 
 /// A targeted request (`stop`, `restart`, `delete`, `list`).
 pub fn targeted(verb: &str, target: &str) -> Request {
-    let r = TargetRequest {
-        request_id: Uuid::new_v4(),
-        target: Target::parse(target).unwrap(),
-    };
+    let r = TargetRequest::new(Target::parse(target).unwrap());
     match verb {
         "stop" => Request::Stop(r),
         "restart" => Request::Restart(r),
@@ -427,4 +424,108 @@ pub async fn await_pid_exit(pid: i32, within: Duration) -> bool {
 /// True while a pid exists (zombies included).
 pub fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// A fleet in one test: a real nats-server, a controller and agents running in-process, with
+/// the controller having heard every agent's heartbeat.
+pub struct Fleet {
+    pub nats: NatsServer,
+    pub agents: Vec<TestAgent>,
+    ctl_stop: Option<oneshot::Sender<()>>,
+    ctl: Option<tokio::task::JoinHandle<Result<(), flotilla::controller::ControllerError>>>,
+    /// The CLI's home (its own, apart from the agents').
+    pub cli_home: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts the server, the controller and one agent per host id.
+    pub async fn start(hosts: &[&str]) -> Fleet {
+        let nats = NatsServer::start();
+        let client = nats.client().await;
+        let mut beats = Watch::new(&client, "pm._fleet.*.host:heartbeat").await;
+        let (tx, rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let mut s = Settings::default();
+        s.nats.url = Some(nats.url());
+        let ctl = tokio::spawn(flotilla::controller::run_ready(
+            s,
+            async move {
+                let _ = rx.await;
+            },
+            Some(ready_tx),
+        ));
+        tokio::time::timeout(WAIT, ready_rx)
+            .await
+            .expect("the controller came up in time")
+            .expect("the controller is ready");
+        let mut agents = vec![];
+        for h in hosts {
+            agents.push(TestAgent::start(&nats, h).await);
+        }
+        // A second heartbeat from each host: the controller has taken the first by then.
+        let mut count: std::collections::BTreeMap<String, u32> = Default::default();
+        while count.values().filter(|&&n| n >= 2).count() < hosts.len() {
+            let m = beats.next_raw().await;
+            *count.entry(m.subject.to_string()).or_default() += 1;
+        }
+        Fleet {
+            nats,
+            agents,
+            ctl_stop: Some(tx),
+            ctl: Some(ctl),
+            cli_home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Runs the real binary against this fleet; returns (exit ok, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let url = self.nats.url();
+        let mut all = vec!["--nats-url", url.as_str()];
+        all.extend_from_slice(args);
+        run_cli(self.cli_home.path(), &all).await
+    }
+
+    /// `ls --json`, parsed.
+    pub async fn ls(&self) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.cli(&["ls", "--json"]).await;
+        assert!(ok, "ls failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ls --json: {e}: {out}"))
+    }
+
+    /// Stops agents, then the controller.
+    pub async fn stop(mut self) {
+        for a in self.agents.drain(..) {
+            a.stop().await.unwrap();
+        }
+        if let Some(tx) = self.ctl_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(c) = self.ctl.take() {
+            c.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// Runs `flotilla` with `args` (FLOTILLA_* variables removed, `FLOTILLA_HOME=home`), bounded.
+pub async fn run_cli(home: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FLOTILLA_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("FLOTILLA_HOME", home)
+        .env("NO_COLOR", "1")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("flotilla {args:?} did not finish in 120 s"))
+        .expect("the flotilla binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -1,0 +1,1029 @@
+//! The controller's verbs (`pmctl.api.<verb>`). Each change is written to the desired state
+//! first, then carried out by asking the agents concerned (with the exact pm_ids), whose replies
+//! make ours. The agents' own convergence to the same state makes either order of arrival safe.
+
+use super::{Ctx, ids, placement};
+use crate::bus::store::StoreError;
+use crate::protocol::control::{
+    ControlError, ControllerInfo, ErrorKind, LogsRequest, Reply, Request, SendRequest,
+    SignalRequest, StartRequest, Target, TargetRequest,
+};
+use crate::protocol::envelope::now_ms;
+use crate::protocol::state::{
+    self, ASSIGN_PREFIX, ApiStartRequest, AppRecord, AssignedApp, Assignment, ScaleRequest,
+};
+use crate::protocol::{AppKey, AppSpec, HostId};
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+use std::time::Duration;
+use uuid::Uuid;
+
+const CTL: &str = "controller";
+/// Longest an agent may take to spawn an app's instances.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest an agent may take to stop, restart or delete (graceful stops included).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest one instance may take to come back online during a reload.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a read (`ls`, `logs`) waits for an agent.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most instances one app may have.
+const MAX_INSTANCES: u32 = 16_384;
+
+/// Runs one request.
+pub(crate) async fn dispatch(ctx: &Ctx, verb: &str, body: &[u8]) -> Reply {
+    let id = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("request_id")?.as_str()?.parse::<Uuid>().ok());
+    let res = match verb {
+        "start" => match de(verb, body) {
+            Ok(r) => start(ctx, r).await,
+            Err(e) => Err(e),
+        },
+        "scale" => match de(verb, body) {
+            Ok(r) => scale(ctx, r).await,
+            Err(e) => Err(e),
+        },
+        "stop" | "restart" | "reload" | "delete" => match de(verb, body) {
+            Ok(r) => targeted(ctx, verb, r).await,
+            Err(e) => Err(e),
+        },
+        "ls" => match de(verb, body) {
+            Ok(r) => Ok(ls(ctx, r).await),
+            Err(e) => Err(e),
+        },
+        "send" => match de::<SendRequest>(verb, body) {
+            Ok(r) => send(ctx, r).await,
+            Err(e) => Err(e),
+        },
+        "signal" => match de::<SignalRequest>(verb, body) {
+            Ok(r) => signal(ctx, r).await,
+            Err(e) => Err(e),
+        },
+        "logs" => match de::<LogsRequest>(verb, body) {
+            Ok(r) => logs(ctx, r).await,
+            Err(e) => Err(e),
+        },
+        "info" => Ok(info(ctx, id)),
+        other => Err(ControlError::new(
+            ErrorKind::UnknownVerb,
+            format!(
+                "unknown verb '{other}': the controller answers {}",
+                super::API_VERBS.join(", ")
+            ),
+        )),
+    };
+    res.unwrap_or_else(|e| Reply::err(id, CTL, e))
+}
+
+fn de<T: DeserializeOwned>(verb: &str, body: &[u8]) -> Result<T, ControlError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ControlError::new(
+            ErrorKind::BadRequest,
+            format!("malformed '{verb}' request: {e}"),
+        )
+    })
+}
+
+fn store_err(e: StoreError) -> ControlError {
+    ControlError::new(ErrorKind::Internal, e.to_string())
+}
+
+fn info(ctx: &Ctx, id: Option<Uuid>) -> Reply {
+    static ME: OnceLock<ControllerInfo> = OnceLock::new();
+    let me = ME.get_or_init(|| ControllerInfo {
+        id: Uuid::new_v4(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        host: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default(),
+        started_at: now_ms(),
+    });
+    let mut r = Reply::ok(id, CTL);
+    r.hosts = ctx.hosts();
+    r.controller = Some(me.clone());
+    r
+}
+
+// ---- the desired state, as the verbs need it ----
+
+/// Every host's assignment.
+async fn desired(ctx: &Ctx) -> Result<BTreeMap<String, Assignment>, ControlError> {
+    let mut out = BTreeMap::new();
+    for key in ctx.store.keys(ASSIGN_PREFIX).await.map_err(store_err)? {
+        if let Some((a, _)) = ctx.store.get::<Assignment>(&key).await.map_err(store_err)? {
+            let host = key.trim_start_matches(ASSIGN_PREFIX).to_string();
+            out.insert(host, a);
+        }
+    }
+    Ok(out)
+}
+
+fn matches(target: &Target, spec: &AppSpec, pm_id: u32) -> bool {
+    match target {
+        Target::All => true,
+        Target::Id(id) => *id == pm_id,
+        Target::Name { namespace, name } => {
+            spec.name == *name && namespace.as_deref().is_none_or(|ns| spec.namespace == ns)
+        }
+    }
+}
+
+/// The pm_ids `target` names, per host.
+fn select(desired: &BTreeMap<String, Assignment>, target: &Target) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (host, a) in desired {
+        for app in &a.apps {
+            for &id in &app.spec.pm_ids {
+                if matches(target, &app.spec, id) {
+                    out.entry(host.clone()).or_default().push(id);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The apps `target` names.
+fn apps_of(desired: &BTreeMap<String, Assignment>, target: &Target) -> BTreeSet<AppKey> {
+    desired
+        .values()
+        .flat_map(|a| &a.apps)
+        .filter(|app| {
+            app.spec
+                .pm_ids
+                .iter()
+                .any(|&id| matches(target, &app.spec, id))
+        })
+        .filter_map(AssignedApp::key)
+        .collect()
+}
+
+/// One instance of an app where it is placed.
+#[derive(Debug, Clone)]
+struct Slot {
+    host: String,
+    pm_id: u32,
+    number: u32,
+    running: bool,
+}
+
+fn slots(desired: &BTreeMap<String, Assignment>, app: &AppKey) -> Vec<Slot> {
+    let mut out = vec![];
+    for (host, a) in desired {
+        for entry in a.apps.iter().filter(|e| e.key().as_ref() == Some(app)) {
+            for (pm_id, number) in entry.instances() {
+                out.push(Slot {
+                    host: host.clone(),
+                    pm_id,
+                    number,
+                    running: entry.wants_running(pm_id),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn not_found(target: &Target) -> ControlError {
+    ControlError::new(
+        ErrorKind::NotFound,
+        format!("no app or process matches '{target}' in the fleet: `flotilla ls` lists them"),
+    )
+}
+
+/// Edits one host's assignment by compare-and-set; `f` must be pure (it may run again).
+async fn edit_host(
+    ctx: &Ctx,
+    host: &str,
+    mut f: impl FnMut(&mut Assignment),
+) -> Result<Assignment, ControlError> {
+    let key = state::assignment_key(&HostId::new(host)?);
+    let (a, _) = ctx
+        .store
+        .update(&key, |a: Option<Assignment>| {
+            let mut a = a.unwrap_or_else(|| Assignment {
+                host: host.to_string(),
+                apps: vec![],
+            });
+            f(&mut a);
+            a.apps.retain(|e| !e.spec.pm_ids.is_empty());
+            Ok(a)
+        })
+        .await
+        .map_err(store_err)?;
+    Ok(a)
+}
+
+/// The share of `app` that `a` holds, as a start request body for its agent.
+fn share(a: &Assignment, app: &AppKey) -> Option<AppSpec> {
+    a.apps
+        .iter()
+        .find(|e| e.key().as_ref() == Some(app))
+        .map(|e| {
+            let mut spec = e.spec.clone();
+            let keep: Vec<(u32, u32)> = e
+                .instances()
+                .into_iter()
+                .filter(|(id, _)| e.wants_running(*id))
+                .collect();
+            spec.pm_ids = keep.iter().map(|x| x.0).collect();
+            spec.instance_numbers = keep.iter().map(|x| x.1).collect();
+            spec.instances = Some(keep.len() as u32);
+            spec
+        })
+        .filter(|s| !s.pm_ids.is_empty())
+}
+
+// ---- asking agents ----
+
+async fn ask(ctx: &Ctx, host: &str, req: Request, within: Duration) -> Result<Reply, ControlError> {
+    let subject = ctx.subjects.agent_verb(&HostId::new(host)?, req.verb());
+    match tokio::time::timeout(within, ctx.client.request(subject, req.to_body().into())).await {
+        Err(_) => Err(ControlError::new(
+            ErrorKind::Unreachable,
+            format!(
+                "the agent on {host} did not answer within {} s: the desired state is saved, and {host} converges to it once it is back",
+                within.as_secs()
+            ),
+        )),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            Err(ControlError::new(
+                ErrorKind::Unreachable,
+                format!(
+                    "no agent runs on {host} now: the desired state is saved, and {host} converges to it once its agent is back"
+                ),
+            ))
+        }
+        Ok(Err(e)) => Err(ControlError::new(
+            ErrorKind::Unreachable,
+            format!("asking the agent on {host} failed: {e}"),
+        )),
+        Ok(Ok(m)) => serde_json::from_slice::<Reply>(&m.payload).map_err(|e| {
+            ControlError::new(
+                ErrorKind::Internal,
+                format!("the agent on {host} sent a reply this controller cannot read ({e}): are they the same version?"),
+            )
+        }),
+    }
+}
+
+async fn ask_all(
+    ctx: &Ctx,
+    reqs: Vec<(String, Request)>,
+    within: Duration,
+) -> Vec<(String, Result<Reply, ControlError>)> {
+    let asks = reqs.into_iter().map(|(host, req)| async move {
+        let r = ask(ctx, &host, req, within).await;
+        (host, r)
+    });
+    futures::future::join_all(asks).await
+}
+
+/// One reply from many: changes, processes and logs together; errors joined.
+fn merge(id: Uuid, results: Vec<(String, Result<Reply, ControlError>)>, verb: &str) -> Reply {
+    let mut reply = Reply::ok(Some(id), CTL);
+    let mut errors: Vec<ControlError> = vec![];
+    for (_, r) in results {
+        match r {
+            Ok(mut x) => {
+                if verb == "delete" {
+                    // Already gone there (its convergence got there first): deleted all the same.
+                    for c in &mut x.changes {
+                        if c.what == "absent" {
+                            c.what = "deleted".into();
+                        }
+                    }
+                }
+                reply.changes.append(&mut x.changes);
+                reply.processes.append(&mut x.processes);
+                reply.logs.append(&mut x.logs);
+                errors.extend(x.error);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    reply.changes.sort_by_key(|c| c.pm_id);
+    reply.processes.sort_by_key(|p| p.meta.pm_id);
+    reply.error = join_errors(errors);
+    reply
+}
+
+fn join_errors(mut errors: Vec<ControlError>) -> Option<ControlError> {
+    match errors.len() {
+        0 => None,
+        1 => errors.pop(),
+        _ => Some(ControlError::new(
+            errors[0].kind,
+            errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+    }
+}
+
+fn start_req(spec: AppSpec) -> Request {
+    StartRequest {
+        request_id: Uuid::new_v4(),
+        app: spec,
+        force: true,
+    }
+    .into()
+}
+
+fn target_req(verb: &str, target: &Target, pm_ids: Vec<u32>) -> Request {
+    let r = TargetRequest {
+        request_id: Uuid::new_v4(),
+        target: target.clone(),
+        pm_ids,
+    };
+    match verb {
+        "stop" => Request::Stop(r),
+        "restart" => Request::Restart(r),
+        "reload" => Request::Reload(r),
+        "delete" => Request::Delete(r),
+        _ => Request::List(r),
+    }
+}
+
+// ---- the verbs ----
+
+async fn start(ctx: &Ctx, r: ApiStartRequest) -> Result<Reply, ControlError> {
+    let mut spec = r.app;
+    let app = AppKey::new(&spec.namespace, &spec.name)?;
+    let n = spec.instances.unwrap_or(1);
+    if n == 0 || n > MAX_INSTANCES {
+        return Err(ControlError::new(
+            ErrorKind::InvalidValue,
+            format!(
+                "instances must be between 1 and {MAX_INSTANCES} (the CLI turns 0 and 'max' into the CPU count)"
+            ),
+        ));
+    }
+    for h in &r.hosts {
+        HostId::new(h)?;
+    }
+    let key = state::app_key(&app);
+    let desired = desired(ctx).await?;
+    if let Some((rec, _)) = ctx.store.get::<AppRecord>(&key).await.map_err(store_err)? {
+        let placed = slots(&desired, &app);
+        let running: Vec<u32> = placed
+            .iter()
+            .filter(|s| s.running)
+            .map(|s| s.pm_id)
+            .collect();
+        if !running.is_empty() && !r.force {
+            return Err(ControlError::new(
+                ErrorKind::AlreadyRunning,
+                format!(
+                    "{app} already runs ({} instance{}, pm_id {}): `flotilla restart {}` restarts it; `flotilla start ... -f` applies new options to it",
+                    placed.len(),
+                    if placed.len() == 1 { "" } else { "s" },
+                    ids_text(&running),
+                    app.name()
+                ),
+            ));
+        }
+        return apply(
+            ctx,
+            r.request_id,
+            &app,
+            rec,
+            spec,
+            r.hosts,
+            r.labels,
+            desired,
+        )
+        .await;
+    }
+    spec.app_id = Some(spec.app_id.unwrap_or_else(Uuid::new_v4));
+    let placed = placement::place(n, &ctx.live(), &r.hosts, &r.labels)
+        .map_err(|e| ControlError::new(ErrorKind::NotFound, e.to_string()))?;
+    let mut base = spec;
+    base.pm_ids.clear();
+    base.instance_numbers.clear();
+    base.instances = Some(n);
+    let rec = AppRecord {
+        spec: base.clone(),
+        hosts: r.hosts,
+        labels: r.labels,
+        created_at: now_ms(),
+    };
+    // The app record first: an assignment never names an app that has no record.
+    ctx.store
+        .update(&key, |old: Option<AppRecord>| match old {
+            Some(_) => Err(StoreError::Refused(format!(
+                "{app} was just created by another request: `flotilla ls` shows it"
+            ))),
+            None => Ok(rec.clone()),
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Refused(m) => ControlError::new(ErrorKind::AlreadyRunning, m),
+            e => store_err(e),
+        })?;
+    let ids = ids::allocate(&ctx.store, n).await.map_err(store_err)?;
+    let mut ids = ids.into_iter();
+    let mut number = 0u32;
+    let mut reqs = vec![];
+    for (host, count) in placed {
+        let list: Vec<(u32, u32)> = ids
+            .by_ref()
+            .take(count as usize)
+            .zip(number..number + count)
+            .collect();
+        number += count;
+        let mut entry = AssignedApp {
+            spec: base.clone(),
+            running: true,
+            stopped: BTreeSet::new(),
+        };
+        entry.set_instances(&list);
+        let spec = entry.spec.clone();
+        edit_host(ctx, &host, |a| {
+            a.apps.retain(|e| e.key().as_ref() != Some(&app));
+            a.apps.push(entry.clone());
+        })
+        .await?;
+        reqs.push((host, start_req(spec)));
+    }
+    let results = ask_all(ctx, reqs, START_TIMEOUT).await;
+    // An agent that refused (script missing there, ...) undoes the whole start: nothing is
+    // left half-started. An agent that did not answer keeps its share: it converges later.
+    let refused: Vec<ControlError> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().and_then(|x| x.error.clone()))
+        .filter(|e| e.kind != ErrorKind::Unreachable)
+        .collect();
+    if !refused.is_empty() {
+        let undo = remove(ctx, &app, &Target::All).await;
+        let mut e = join_errors(refused).expect("not empty");
+        e.message.push_str(match undo {
+            Ok(()) => ": nothing was started",
+            Err(_) => ": the start is being undone",
+        });
+        return Err(e);
+    }
+    let mut reply = merge(r.request_id, results, "start");
+    for c in &mut reply.changes {
+        if c.what == "already online" {
+            c.what = "started".into();
+        }
+    }
+    Ok(reply)
+}
+
+fn ids_text(ids: &[u32]) -> String {
+    ids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Applies a new spec to an existing app (pm2 `-f`, an ecosystem file, or `start` of a stopped
+/// app): every instance gets the new options (agents restart those whose options changed and
+/// start those that were stopped), then the app is scaled to the new count.
+#[allow(clippy::too_many_arguments)]
+async fn apply(
+    ctx: &Ctx,
+    id: Uuid,
+    app: &AppKey,
+    mut rec: AppRecord,
+    spec: AppSpec,
+    hosts: Vec<String>,
+    labels: BTreeMap<String, String>,
+    desired: BTreeMap<String, Assignment>,
+) -> Result<Reply, ControlError> {
+    let n = spec.instances.unwrap_or(1);
+    let mut base = spec;
+    base.app_id = rec.spec.app_id;
+    base.pm_ids.clear();
+    base.instance_numbers.clear();
+    base.instances = Some(n);
+    rec.spec = base.clone();
+    if !hosts.is_empty() {
+        rec.hosts = hosts;
+    }
+    if !labels.is_empty() {
+        rec.labels = labels;
+    }
+    let key = state::app_key(app);
+    let r2 = rec.clone();
+    ctx.store
+        .update(&key, |_: Option<AppRecord>| Ok(r2.clone()))
+        .await
+        .map_err(store_err)?;
+    let mut touched: BTreeMap<String, Assignment> = BTreeMap::new();
+    for host in desired.keys() {
+        if slots(&desired, app).iter().any(|s| &s.host == host) {
+            let a = edit_host(ctx, host, |a| {
+                for e in a.apps.iter_mut().filter(|e| e.key().as_ref() == Some(app)) {
+                    let list = e.instances();
+                    e.spec = base.clone();
+                    e.set_instances(&list);
+                    e.running = true;
+                    e.stopped.clear();
+                }
+            })
+            .await?;
+            touched.insert(host.clone(), a);
+        }
+    }
+    let desired = self::desired(ctx).await?;
+    let (mut changed, removed) = rescale(ctx, app, &rec, n, &desired).await?;
+    changed.append(&mut touched);
+    let mut reqs = vec![];
+    for (host, ids) in removed {
+        reqs.push((host, target_req("delete", &Target::All, ids)));
+    }
+    let results = ask_all(ctx, reqs, SETTLE_TIMEOUT).await;
+    let mut reply = merge(id, results, "delete");
+    let desired = self::desired(ctx).await?;
+    let reqs: Vec<(String, Request)> = desired
+        .iter()
+        .filter_map(|(h, a)| share(a, app).map(|s| (h.clone(), start_req(s))))
+        .collect();
+    let started = merge(id, ask_all(ctx, reqs, START_TIMEOUT).await, "start");
+    reply.changes.extend(started.changes);
+    reply.processes.extend(started.processes);
+    reply.error = join_errors(reply.error.into_iter().chain(started.error).collect());
+    reply.changes.sort_by_key(|c| c.pm_id);
+    Ok(reply)
+}
+
+/// Sets `app`'s instance count to `n` in the desired state: new instances are placed over the
+/// live hosts (fewest of this app first), surplus ones go, highest instance numbers first.
+/// Returns the assignments that gained instances and the pm_ids removed, per host.
+async fn rescale(
+    ctx: &Ctx,
+    app: &AppKey,
+    rec: &AppRecord,
+    n: u32,
+    desired: &BTreeMap<String, Assignment>,
+) -> Result<(BTreeMap<String, Assignment>, BTreeMap<String, Vec<u32>>), ControlError> {
+    let placed = slots(desired, app);
+    let cur = placed.len() as u32;
+    let mut gained = BTreeMap::new();
+    let mut removed: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    if n > cur {
+        let mut current: BTreeMap<String, u32> = BTreeMap::new();
+        for s in &placed {
+            *current.entry(s.host.clone()).or_default() += 1;
+        }
+        let more = placement::add(n - cur, &ctx.live(), &current, &rec.hosts, &rec.labels)
+            .map_err(|e| ControlError::new(ErrorKind::NotFound, e.to_string()))?;
+        let used: BTreeSet<u32> = placed.iter().map(|s| s.number).collect();
+        let mut numbers = (0u32..).filter(|x| !used.contains(x));
+        let mut ids = ids::allocate(&ctx.store, n - cur)
+            .await
+            .map_err(store_err)?
+            .into_iter();
+        for (host, count) in more {
+            let list: Vec<(u32, u32)> = ids
+                .by_ref()
+                .zip(numbers.by_ref())
+                .take(count as usize)
+                .collect();
+            let base = rec.spec.clone();
+            let a = edit_host(ctx, &host, |a| {
+                match a.apps.iter_mut().find(|e| e.key().as_ref() == Some(app)) {
+                    Some(e) => {
+                        let mut all = e.instances();
+                        all.retain(|x| !list.contains(x));
+                        all.extend(list.iter().copied());
+                        e.set_instances(&all);
+                    }
+                    None => {
+                        let mut e = AssignedApp {
+                            spec: base.clone(),
+                            running: true,
+                            stopped: BTreeSet::new(),
+                        };
+                        e.set_instances(&list);
+                        a.apps.push(e);
+                    }
+                }
+            })
+            .await?;
+            gained.insert(host, a);
+        }
+    } else if n < cur {
+        let mut by_number = placed.clone();
+        by_number.sort_by_key(|s| std::cmp::Reverse(s.number));
+        for s in by_number.into_iter().take((cur - n) as usize) {
+            removed.entry(s.host).or_default().push(s.pm_id);
+        }
+        for (host, gone) in &removed {
+            edit_host(ctx, host, |a| {
+                for e in a.apps.iter_mut().filter(|e| e.key().as_ref() == Some(app)) {
+                    let mut all = e.instances();
+                    all.retain(|(id, _)| !gone.contains(id));
+                    e.set_instances(&all);
+                }
+            })
+            .await?;
+        }
+    }
+    let key = state::app_key(app);
+    ctx.store
+        .update(&key, |r: Option<AppRecord>| {
+            let mut r = r.unwrap_or_else(|| rec.clone());
+            r.spec.instances = Some(n);
+            Ok(r)
+        })
+        .await
+        .map_err(store_err)?;
+    Ok((gained, removed))
+}
+
+async fn scale(ctx: &Ctx, r: ScaleRequest) -> Result<Reply, ControlError> {
+    if r.instances > MAX_INSTANCES {
+        return Err(ControlError::new(
+            ErrorKind::InvalidValue,
+            format!("{} instances is more than {MAX_INSTANCES}", r.instances),
+        ));
+    }
+    let desired = desired(ctx).await?;
+    let apps = apps_of(&desired, &r.app);
+    let app = match apps.len() {
+        0 => return Err(not_found(&r.app)),
+        1 => apps.into_iter().next().expect("one"),
+        _ => {
+            return Err(ControlError::new(
+                ErrorKind::InvalidValue,
+                format!(
+                    "'{}' names {} apps ({}): name one as ns/name",
+                    r.app,
+                    apps.len(),
+                    apps.iter()
+                        .map(AppKey::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    };
+    if r.instances == 0 {
+        return Err(ControlError::new(
+            ErrorKind::InvalidValue,
+            format!(
+                "scale {} to 0 would delete it: `flotilla stop {}` keeps it, `flotilla delete {}` removes it",
+                app.name(),
+                app.name(),
+                app.name()
+            ),
+        ));
+    }
+    let rec = match ctx
+        .store
+        .get::<AppRecord>(&state::app_key(&app))
+        .await
+        .map_err(store_err)?
+    {
+        Some((rec, _)) => rec,
+        None => {
+            return Err(ControlError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{app} has no app record (started by an older version?): delete it and start it again"
+                ),
+            ));
+        }
+    };
+    let (gained, removed) = rescale(ctx, &app, &rec, r.instances, &desired).await?;
+    let mut reqs = vec![];
+    for (host, a) in &gained {
+        if let Some(s) = share(a, &app) {
+            reqs.push((host.clone(), start_req(s)));
+        }
+    }
+    let started = merge(
+        r.request_id,
+        ask_all(ctx, reqs, START_TIMEOUT).await,
+        "start",
+    );
+    let reqs = removed
+        .into_iter()
+        .map(|(h, ids)| (h, target_req("delete", &Target::All, ids)))
+        .collect();
+    let mut reply = merge(
+        r.request_id,
+        ask_all(ctx, reqs, SETTLE_TIMEOUT).await,
+        "delete",
+    );
+    reply.changes.extend(
+        started
+            .changes
+            .into_iter()
+            .filter(|c| c.what != "already online"),
+    );
+    reply.processes.extend(started.processes);
+    reply.error = join_errors(reply.error.into_iter().chain(started.error).collect());
+    reply.changes.sort_by_key(|c| c.pm_id);
+    Ok(reply)
+}
+
+/// Removes the processes `target` names from `app`'s assignments (and the app record once it
+/// has none left), then asks their agents to delete them.
+async fn remove(ctx: &Ctx, app: &AppKey, target: &Target) -> Result<(), ControlError> {
+    let desired = desired(ctx).await?;
+    let mut reqs = vec![];
+    for (host, a) in &desired {
+        let gone: Vec<u32> = a
+            .apps
+            .iter()
+            .filter(|e| e.key().as_ref() == Some(app))
+            .flat_map(|e| {
+                e.spec
+                    .pm_ids
+                    .iter()
+                    .copied()
+                    .filter(|&id| matches(target, &e.spec, id))
+            })
+            .collect();
+        if gone.is_empty() {
+            continue;
+        }
+        edit_host(ctx, host, |a| {
+            for e in a.apps.iter_mut().filter(|e| e.key().as_ref() == Some(app)) {
+                let mut all = e.instances();
+                all.retain(|(id, _)| !gone.contains(id));
+                e.set_instances(&all);
+            }
+        })
+        .await?;
+        reqs.push((host.clone(), target_req("delete", &Target::All, gone)));
+    }
+    forget_if_empty(ctx, app).await?;
+    ask_all(ctx, reqs, SETTLE_TIMEOUT).await;
+    Ok(())
+}
+
+/// Deletes the app record of an app no assignment names any more (assignments first, then the
+/// record: a crash in between leaves a record without instances, which `start` replaces).
+async fn forget_if_empty(ctx: &Ctx, app: &AppKey) -> Result<(), ControlError> {
+    let desired = desired(ctx).await?;
+    if !slots(&desired, app).is_empty() {
+        return Ok(());
+    }
+    let key = state::app_key(app);
+    if let Some((_, rev)) = ctx
+        .store
+        .get::<serde_json::Value>(&key)
+        .await
+        .map_err(store_err)?
+    {
+        ctx.store.delete_if(&key, rev).await.map_err(store_err)?;
+    }
+    Ok(())
+}
+
+async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, ControlError> {
+    let desired = desired(ctx).await?;
+    let sel = select(&desired, &r.target);
+    if sel.is_empty() {
+        if r.target == Target::All {
+            return Ok(Reply::ok(Some(r.request_id), CTL));
+        }
+        return Err(not_found(&r.target));
+    }
+    let apps = apps_of(&desired, &r.target);
+    for (host, ids) in &sel {
+        edit_host(ctx, host, |a| {
+            for e in a.apps.iter_mut() {
+                let mine: Vec<u32> = e
+                    .spec
+                    .pm_ids
+                    .iter()
+                    .copied()
+                    .filter(|id| ids.contains(id))
+                    .collect();
+                match verb {
+                    "stop" => e.stopped.extend(mine),
+                    "restart" | "reload" => {
+                        for id in mine {
+                            e.stopped.remove(&id);
+                        }
+                    }
+                    "delete" => {
+                        let mut all = e.instances();
+                        all.retain(|(id, _)| !mine.contains(id));
+                        e.set_instances(&all);
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await?;
+    }
+    if verb == "delete" {
+        for app in &apps {
+            forget_if_empty(ctx, app).await?;
+        }
+    }
+    if verb == "reload" {
+        return reload(ctx, r, sel).await;
+    }
+    let reqs = sel
+        .into_iter()
+        .map(|(h, ids)| (h, target_req(verb, &r.target, ids)))
+        .collect();
+    Ok(merge(
+        r.request_id,
+        ask_all(ctx, reqs, SETTLE_TIMEOUT).await,
+        verb,
+    ))
+}
+
+/// A rolling reload: one instance at a time, in pm_id order, the next only once the previous
+/// one is online again (ready, with `wait_ready`).
+async fn reload(
+    ctx: &Ctx,
+    r: TargetRequest,
+    sel: BTreeMap<String, Vec<u32>>,
+) -> Result<Reply, ControlError> {
+    let mut order: Vec<(u32, String)> = sel
+        .into_iter()
+        .flat_map(|(h, ids)| ids.into_iter().map(move |id| (id, h.clone())))
+        .collect();
+    order.sort();
+    let mut results = vec![];
+    for (id, host) in order {
+        let res = ask(
+            ctx,
+            &host,
+            target_req("reload", &r.target, vec![id]),
+            RELOAD_TIMEOUT,
+        )
+        .await;
+        let failed = match &res {
+            Ok(x) => x.error.is_some() || x.changes.iter().any(|c| c.what != "reloaded"),
+            Err(_) => true,
+        };
+        results.push((host, res));
+        if failed {
+            // pm2 goes on with the others; so do we (the reply says which did not come back).
+            tracing::warn!(
+                pm_id = id,
+                "reload of one instance did not come back online"
+            );
+        }
+    }
+    let mut reply = merge(r.request_id, results, "reload");
+    let bad: Vec<String> = reply
+        .changes
+        .iter()
+        .filter(|c| c.what != "reloaded")
+        .map(|c| format!("pm_id {}: {}", c.pm_id, c.what))
+        .collect();
+    if reply.error.is_none() && !bad.is_empty() {
+        reply.error = Some(ControlError::new(
+            ErrorKind::SpawnFailed,
+            format!(
+                "not every instance came back online ({}): `flotilla logs` shows why",
+                bad.join("; ")
+            ),
+        ));
+    }
+    Ok(reply)
+}
+
+async fn send(ctx: &Ctx, r: SendRequest) -> Result<Reply, ControlError> {
+    let desired = desired(ctx).await?;
+    let sel = select(&desired, &r.target);
+    if sel.is_empty() {
+        return Err(not_found(&r.target));
+    }
+    let reqs = sel
+        .into_iter()
+        .map(|(h, ids)| {
+            let req = SendRequest {
+                request_id: Uuid::new_v4(),
+                target: r.target.clone(),
+                message: r.message.clone(),
+                pm_ids: ids,
+            };
+            (h, Request::Send(req))
+        })
+        .collect();
+    Ok(merge(
+        r.request_id,
+        ask_all(ctx, reqs, READ_TIMEOUT * 5).await,
+        "send",
+    ))
+}
+
+async fn signal(ctx: &Ctx, r: SignalRequest) -> Result<Reply, ControlError> {
+    crate::protocol::signals::parse(&r.signal)?;
+    let desired = desired(ctx).await?;
+    let sel = select(&desired, &r.target);
+    if sel.is_empty() {
+        return Err(not_found(&r.target));
+    }
+    let reqs = sel
+        .into_iter()
+        .map(|(h, ids)| {
+            let req = SignalRequest {
+                request_id: Uuid::new_v4(),
+                target: r.target.clone(),
+                signal: r.signal.clone(),
+                pm_ids: ids,
+            };
+            (h, Request::Signal(req))
+        })
+        .collect();
+    Ok(merge(
+        r.request_id,
+        ask_all(ctx, reqs, READ_TIMEOUT * 5).await,
+        "signal",
+    ))
+}
+
+async fn logs(ctx: &Ctx, r: LogsRequest) -> Result<Reply, ControlError> {
+    let desired = desired(ctx).await?;
+    let sel = select(&desired, &r.target);
+    if sel.is_empty() {
+        if r.target == Target::All {
+            return Ok(Reply::ok(Some(r.request_id), CTL));
+        }
+        return Err(not_found(&r.target));
+    }
+    let reqs = sel
+        .into_iter()
+        .map(|(h, ids)| {
+            let req = LogsRequest {
+                request_id: Uuid::new_v4(),
+                target: r.target.clone(),
+                pm_ids: ids,
+                lines: r.lines,
+            };
+            (h, Request::Logs(req))
+        })
+        .collect();
+    let mut reply = merge(
+        r.request_id,
+        ask_all(ctx, reqs, READ_TIMEOUT * 2).await,
+        "logs",
+    );
+    reply
+        .logs
+        .sort_by(|a, b| (a.pm_id, &a.stream).cmp(&(b.pm_id, &b.stream)));
+    Ok(reply)
+}
+
+/// Every live agent's processes (so processes started outside the desired state show too).
+async fn ls(ctx: &Ctx, r: TargetRequest) -> Reply {
+    let reqs: Vec<(String, Request)> = ctx
+        .live()
+        .into_iter()
+        .map(|c| {
+            (
+                c.host,
+                Request::List(TargetRequest {
+                    request_id: Uuid::new_v4(),
+                    target: r.target.clone(),
+                    pm_ids: vec![],
+                }),
+            )
+        })
+        .collect();
+    let results = ask_all(ctx, reqs, READ_TIMEOUT).await;
+    let mut reply = Reply::ok(Some(r.request_id), CTL);
+    let mut silent = vec![];
+    for (host, res) in results {
+        match res {
+            Ok(mut x) => {
+                // "No process matches" on one host is not an error of the fleet.
+                if x.error
+                    .as_ref()
+                    .is_some_and(|e| e.kind != ErrorKind::NotFound)
+                {
+                    silent.push(format!(
+                        "{host} ({})",
+                        x.error.as_ref().map_or("", |e| &e.message)
+                    ));
+                }
+                reply.processes.append(&mut x.processes);
+            }
+            Err(_) => silent.push(host),
+        }
+    }
+    reply.processes.sort_by_key(|p| p.meta.pm_id);
+    if !silent.is_empty() {
+        reply.error = Some(ControlError::new(
+            ErrorKind::Unreachable,
+            format!(
+                "no answer within {} s from {}: their processes are missing from this list",
+                READ_TIMEOUT.as_secs(),
+                silent.join(", ")
+            ),
+        ));
+    } else if reply.processes.is_empty() && r.target != Target::All {
+        reply.error = Some(not_found(&r.target));
+    }
+    reply
+}

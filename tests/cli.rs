@@ -1,0 +1,318 @@
+//! The pm2-style verbs, driving the real binary against a real fleet (nats-server, controller
+//! and agents); `--json` is asserted structurally, human output against snapshots with the
+//! volatile fields (pids, uptimes, figures) filled in.
+
+mod support;
+
+use serde_json::Value;
+use support::*;
+
+fn by_status<'a>(procs: &'a [Value], status: &str) -> Vec<&'a Value> {
+    procs.iter().filter(|p| p["status"] == status).collect()
+}
+
+/// pids, uptimes, CPU and memory change from run to run, and column widths with them: cells
+/// are trimmed, volatile ones replaced by `…`, border lines reduced to their corners.
+fn redact(s: &str) -> String {
+    let mut out = String::new();
+    for line in s.lines() {
+        if line.starts_with('│') {
+            let cells: Vec<String> = line
+                .trim_matches('│')
+                .split('│')
+                .enumerate()
+                .map(|(i, c)| {
+                    let t = c.trim();
+                    // columns: id name namespace host mode pid uptime ↺ status cpu mem
+                    if matches!(i, 5 | 6 | 9 | 10) && !t.chars().all(char::is_alphabetic) {
+                        "…".to_string()
+                    } else {
+                        t.to_string()
+                    }
+                })
+                .collect();
+            out.push_str(&format!("│ {} │", cells.join(" │ ")));
+        } else {
+            let t: String = line.chars().filter(|c| *c != '─').collect();
+            out.push_str(&t);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_ls_stop_restart_reload_scale_delete_on_one_host() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let script = fixture("chatty.js");
+    let script = script.to_str().unwrap();
+    let (ok, out, err) = fleet
+        .cli(&["start", script, "-i", "4", "--name", "api"])
+        .await;
+    assert!(ok, "start failed: {err}");
+    assert!(out.contains("online"), "{out}");
+    insta::assert_snapshot!("start_table", redact(&out));
+
+    let procs = fleet.ls().await;
+    assert_eq!(procs.len(), 4, "{procs:?}");
+    assert_eq!(by_status(&procs, "online").len(), 4);
+    let mut instances: Vec<u64> = procs
+        .iter()
+        .map(|p| p["instance"].as_u64().unwrap())
+        .collect();
+    instances.sort();
+    assert_eq!(instances, vec![0, 1, 2, 3]);
+    for p in &procs {
+        for field in [
+            "pm_id",
+            "name",
+            "namespace",
+            "host",
+            "pid",
+            "instance",
+            "exec_mode",
+            "status",
+            "restart_time",
+            "pm_uptime",
+            "app_id",
+            "cpu",
+            "memory",
+        ] {
+            assert!(p.get(field).is_some(), "{field} missing from {p}");
+        }
+        assert_eq!(p["exec_mode"], "cluster");
+        assert_eq!(p["host"], "web-1");
+        assert!(p["pid"].as_u64().unwrap() > 0);
+        assert!(p["memory"].as_u64().unwrap() > 0, "memory read from /proc");
+    }
+
+    // A second start of a running app is refused, and nothing running is disturbed.
+    let (ok, _, err) = fleet
+        .cli(&["start", script, "-i", "4", "--name", "api"])
+        .await;
+    assert!(!ok);
+    assert!(
+        err.contains("already runs") && err.contains("restart api"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let pids: Vec<u64> = fleet
+        .ls()
+        .await
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    let same: Vec<u64> = procs.iter().map(|p| p["pid"].as_u64().unwrap()).collect();
+    assert_eq!(pids, same);
+
+    // stop one instance, then the app
+    let (ok, out, err) = fleet.cli(&["stop", "0"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("stopped"), "{out}");
+    let procs = fleet.ls().await;
+    assert_eq!(by_status(&procs, "stopped").len(), 1);
+    let (ok, _, err) = fleet.cli(&["stop", "api"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(by_status(&fleet.ls().await, "stopped").len(), 4);
+
+    // restart brings all back
+    let (ok, _, err) = fleet.cli(&["restart", "api"]).await;
+    assert!(ok, "{err}");
+    let procs = fleet.ls().await;
+    assert_eq!(by_status(&procs, "online").len(), 4, "{procs:?}");
+
+    // reload: one at a time, each comes back online with a new pid and one more restart
+    let before: Vec<(u64, u64)> = procs
+        .iter()
+        .map(|p| {
+            (
+                p["pid"].as_u64().unwrap(),
+                p["restart_time"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let (ok, out, err) = fleet.cli(&["reload", "api", "--json"]).await;
+    assert!(ok, "{err}");
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    let words: Vec<&str> = reply["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(words, vec!["reloaded"; 4]);
+    let after = fleet.ls().await;
+    assert_eq!(by_status(&after, "online").len(), 4);
+    for (p, (pid, restarts)) in after.iter().zip(before) {
+        assert_ne!(p["pid"].as_u64().unwrap(), pid);
+        assert_eq!(p["restart_time"].as_u64().unwrap(), restarts + 1);
+    }
+
+    // scale down, then up (relative), keeping fleet-wide instance numbers
+    let (ok, _, err) = fleet.cli(&["scale", "api", "2"]).await;
+    assert!(ok, "{err}");
+    let procs = fleet.ls().await;
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    let (ok, _, err) = fleet.cli(&["scale", "api", "+1"]).await;
+    assert!(ok, "{err}");
+    let procs = fleet.ls().await;
+    assert_eq!(procs.len(), 3);
+    let mut instances: Vec<u64> = procs
+        .iter()
+        .map(|p| p["instance"].as_u64().unwrap())
+        .collect();
+    instances.sort();
+    assert_eq!(instances, vec![0, 1, 2]);
+
+    // describe
+    let (ok, out, err) = fleet.cli(&["describe", "api", "--json"]).await;
+    assert!(ok, "{err}");
+    let d: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(d.len(), 3);
+    assert!(d[0]["out_log"].as_str().unwrap().ends_with(".log"));
+    let (ok, out, _) = fleet.cli(&["describe", "api"]).await;
+    assert!(ok);
+    assert!(
+        out.contains("script path") && out.contains("chatty.js"),
+        "{out}"
+    );
+
+    // logs: the recent lines of each file
+    let (ok, out, err) = fleet.cli(&["logs", "api", "--lines", "5"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("hello from instance"), "{out}");
+    assert!(out.contains("a line on stderr"), "{out}");
+    let (ok, out, _) = fleet.cli(&["logs", "api", "--json"]).await;
+    assert!(ok);
+    let tails: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(tails.len(), 6, "out and err of 3 processes");
+
+    // send and signal
+    let (ok, out, err) = fleet.cli(&["send", "api", r#"{"topic":"hi"}"#]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("sent").count(), 3, "{out}");
+    let (ok, out, err) = fleet.cli(&["signal", "SIGUSR2", "api"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("sent SIGUSR2"), "{out}");
+
+    // delete empties the fleet
+    let (ok, _, err) = fleet.cli(&["delete", "all"]).await;
+    assert!(ok, "{err}");
+    assert!(fleet.ls().await.is_empty());
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let script = fixture("chatty.js");
+    let script = script.to_str().unwrap();
+    let (ok, _, err) = fleet.cli(&["start", script, "--name", "ok"]).await;
+    assert!(ok, "{err}");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["start", script, "--name", "a.b"], "'.'"),
+        (vec!["start", "/nope/missing.js"], "does not exist"),
+        (vec!["stop", "ghost"], "no app or process matches 'ghost'"),
+        (vec!["restart", "a.b"], "is not a target"),
+        (vec!["send", "ok", "{not json"], "not valid JSON"),
+        (vec!["signal", "SIGFOO", "ok"], "unknown signal 'SIGFOO'"),
+        (vec!["scale", "ok", "lots"], "write a number"),
+        (vec!["scale", "ok", "0"], "would delete it"),
+        (vec!["start", script, "-i", "two"], "-i two"),
+        (
+            vec!["start", script, "--env", "prod"],
+            "selects env_prod of an ecosystem file",
+        ),
+        (vec!["start", script, "--watch"], "not supported yet"),
+    ];
+    for (args, want) in cases {
+        let (ok, out, err) = fleet.cli(&args).await;
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Nothing running was disturbed.
+    let procs = fleet.ls().await;
+    assert_eq!(procs.len(), 1);
+    assert_eq!(procs[0]["status"], "online");
+    // -i max is one per CPU
+    let (ok, _, err) = fleet
+        .cli(&["start", script, "--name", "max", "-i", "max"])
+        .await;
+    assert!(ok, "{err}");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let n = fleet
+        .ls()
+        .await
+        .iter()
+        .filter(|p| p["name"] == "max")
+        .count();
+    assert_eq!(n, cpus);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_controller_and_no_nats_say_what_to_do() {
+    let nats = NatsServer::start();
+    let home = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let (ok, _, err) = run_cli(home.path(), &["--nats-url", &url, "ls"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("no controller") && err.contains("flotilla info"),
+        "{err}"
+    );
+    let (ok, _, err) = run_cli(home.path(), &["--nats-url", "nats://127.0.0.1:1", "ls"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach NATS at nats://127.0.0.1:1"),
+        "{err}"
+    );
+    let (ok, out, _) = run_cli(home.path(), &["--nats-url", &url, "info", "--json"]).await;
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["nats_reachable"], true);
+    assert!(
+        v["problem"]
+            .as_str()
+            .unwrap()
+            .contains("no controller answered")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecosystem_files_start_apps_and_apply_changes_to_running_ones() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("chatty.js"), dir.path().join("chatty.js")).unwrap();
+    let eco = dir.path().join("ecosystem.toml");
+    std::fs::write(
+        &eco,
+        "[[apps]]\nname = \"web\"\nscript = \"chatty.js\"\ninstances = 2\n[apps.env]\nCOUNT = \"1\"\n[apps.env_prod]\nCOUNT = \"2\"\n",
+    )
+    .unwrap();
+    let eco_s = eco.to_str().unwrap();
+    let (ok, _, err) = fleet.cli(&["start", eco_s]).await;
+    assert!(ok, "{err}");
+    let procs = fleet.ls().await;
+    assert_eq!(by_status(&procs, "online").len(), 2);
+    let pids: Vec<u64> = procs.iter().map(|p| p["pid"].as_u64().unwrap()).collect();
+    // Starting the same file again with a profile applies the change (a restart), not a refusal.
+    let (ok, _, err) = fleet.cli(&["start", eco_s, "--env", "prod"]).await;
+    assert!(ok, "{err}");
+    let procs = fleet.ls().await;
+    assert_eq!(by_status(&procs, "online").len(), 2);
+    for p in &procs {
+        assert!(
+            !pids.contains(&p["pid"].as_u64().unwrap()),
+            "restarted with the new env"
+        );
+    }
+    // A broken file: file, line and column.
+    std::fs::write(&eco, "[[apps]\nname = 1\n").unwrap();
+    let (ok, _, err) = fleet.cli(&["start", eco_s]).await;
+    assert!(!ok);
+    assert!(err.contains("ecosystem.toml:1:"), "{err}");
+    fleet.stop().await;
+}
