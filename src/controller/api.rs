@@ -28,6 +28,8 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a read (`ls`, `logs`) waits for an agent.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long placement waits for a first host when the controller knows none yet.
+const HOSTS_WAIT: Duration = Duration::from_secs(3);
 /// Most instances one app may have.
 const MAX_INSTANCES: u32 = 16_384;
 
@@ -401,7 +403,7 @@ async fn start(ctx: &Ctx, r: ApiStartRequest) -> Result<Reply, ControlError> {
         .await;
     }
     spec.app_id = Some(spec.app_id.unwrap_or_else(Uuid::new_v4));
-    let placed = placement::place(n, &ctx.live(), &r.hosts, &r.labels)
+    let placed = placement::place(n, &ctx.live_or_wait(HOSTS_WAIT).await, &r.hosts, &r.labels)
         .map_err(|e| ControlError::new(ErrorKind::NotFound, e.to_string()))?;
     let mut base = spec;
     base.pm_ids.clear();
@@ -574,8 +576,14 @@ async fn rescale(
         for s in &placed {
             *current.entry(s.host.clone()).or_default() += 1;
         }
-        let more = placement::add(n - cur, &ctx.live(), &current, &rec.hosts, &rec.labels)
-            .map_err(|e| ControlError::new(ErrorKind::NotFound, e.to_string()))?;
+        let more = placement::add(
+            n - cur,
+            &ctx.live_or_wait(HOSTS_WAIT).await,
+            &current,
+            &rec.hosts,
+            &rec.labels,
+        )
+        .map_err(|e| ControlError::new(ErrorKind::NotFound, e.to_string()))?;
         let used: BTreeSet<u32> = placed.iter().map(|s| s.number).collect();
         let mut numbers = (0u32..).filter(|x| !used.contains(x));
         let mut ids = ids::allocate(&ctx.store, n - cur)

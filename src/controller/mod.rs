@@ -16,7 +16,7 @@ use crate::bus::{self, BusError, store::Store};
 use crate::config::Settings;
 use crate::protocol::Subjects;
 use crate::protocol::control::{ControlError, ErrorKind, Reply};
-use crate::protocol::fleet::{Heartbeat, HostView};
+use crate::protocol::fleet::{Heartbeat, HostEvent, HostView};
 use crate::protocol::state;
 use crate::protocol::subjects::Parsed;
 use futures::StreamExt;
@@ -67,6 +67,8 @@ pub(crate) struct Ctx {
     subjects: Subjects,
     store: Store,
     fleet: Fleet,
+    /// Told whenever a host joins the fleet view.
+    joined: tokio::sync::Notify,
     lost_after: Duration,
 }
 
@@ -94,6 +96,9 @@ pub async fn run_ready(
     let mut beats = client
         .subscribe(format!("{}._fleet.*.host:heartbeat", subjects.prefix()))
         .await?;
+    let mut host_events = client
+        .subscribe(format!("{}._fleet.*.host:event", subjects.prefix()))
+        .await?;
     let mut api = client.subscribe(subjects.api("*")).await?;
     let _ = client.flush().await;
     if let Some(r) = ready {
@@ -104,6 +109,7 @@ pub async fn run_ready(
         subjects,
         store,
         fleet: fleet.clone(),
+        joined: tokio::sync::Notify::new(),
         lost_after: settings.host_lost_after,
     });
     let dedupe = Arc::new(Dedupe::new(REMEMBERED));
@@ -114,12 +120,51 @@ pub async fn run_ready(
             Some(m) = beats.next() => {
                 match serde_json::from_slice::<Heartbeat>(&m.payload) {
                     Ok(beat) => {
-                        fleet.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                        let new = fleet.lock().unwrap_or_else(|p| p.into_inner()).insert(
                             beat.host.clone(),
                             Seen { at: Instant::now(), beat },
-                        );
+                        ).is_none();
+                        if new {
+                            ctx.joined.notify_waiters();
+                        }
                     }
                     Err(e) => tracing::debug!(subject = %m.subject, "not a heartbeat: {e}"),
+                }
+            }
+            Some(m) = host_events.next() => {
+                // An agent says `online` before its first heartbeat: it can be placed on at
+                // once (a local stack's first `start` comes right after its agent is up).
+                match serde_json::from_slice::<HostEvent>(&m.payload) {
+                    Ok(ev) if ev.event == "online" => {
+                        let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
+                        if !f.contains_key(&ev.host) {
+                            f.insert(ev.host.clone(), Seen { at: Instant::now(), beat: Heartbeat {
+                                at: ev.at,
+                                id: ev.id,
+                                host: ev.host.clone(),
+                                labels: ev.labels,
+                                version: ev.version,
+                                processes: 0,
+                                online: 0,
+                                cpu: 0.0,
+                                memory: 0,
+                                workers_memory: 0,
+                                load1: 0.0,
+                                cpus: 0,
+                                mem_total: 0,
+                                mem_available: 0,
+                                counters: Default::default(),
+                                dropped_by_process: Default::default(),
+                            }});
+                            drop(f);
+                            ctx.joined.notify_waiters();
+                        }
+                    }
+                    Ok(ev) if ev.event == "offline" => {
+                        fleet.lock().unwrap_or_else(|p| p.into_inner()).remove(&ev.host);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(subject = %m.subject, "not a host event: {e}"),
                 }
             }
             Some(m) = api.next() => {
@@ -138,6 +183,22 @@ pub async fn run_ready(
 }
 
 impl Ctx {
+    /// The live hosts; when there are none yet (a controller that just started, before the
+    /// first heartbeats), waits up to `within` for one to be heard.
+    async fn live_or_wait(&self, within: Duration) -> Vec<Candidate> {
+        let deadline = Instant::now() + within;
+        loop {
+            let joined = self.joined.notified();
+            let live = self.live();
+            if !live.is_empty() {
+                return live;
+            }
+            if tokio::time::timeout_at(deadline, joined).await.is_err() {
+                return live;
+            }
+        }
+    }
+
     /// Hosts heard from within `host_lost_after`.
     fn live(&self) -> Vec<Candidate> {
         let now = Instant::now();

@@ -18,7 +18,7 @@ pub struct Candidate {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
     /// No live host fits.
-    #[error("no live host fits{0}: `flotilla hosts` lists the hosts and their labels")]
+    #[error("no live host fits{0}: `flotilla info` lists the hosts and their labels")]
     NoHost(String),
     /// An explicitly named host is not live.
     #[error(
