@@ -316,3 +316,71 @@ async fn ecosystem_files_start_apps_and_apply_changes_to_running_ones() {
     assert!(err.contains("ecosystem.toml:1:"), "{err}");
     fleet.stop().await;
 }
+
+/// Stops a test's local stack even when the test fails.
+struct StackGuard(std::path::PathBuf);
+
+impl Drop for StackGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .env_remove("FLOTILLA_NATS_URL")
+            .env("FLOTILLA_HOME", &self.0)
+            .arg("kill")
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_laptop_start_just_works_and_apps_come_back_after_kill() {
+    let home = tempfile::tempdir().unwrap();
+    let _guard = StackGuard(home.path().to_path_buf());
+    let script = fixture("chatty.js");
+    // No NATS URL: the first verb starts the local stack, then the app.
+    let (ok, out, err) = run_cli(
+        home.path(),
+        &[
+            "start",
+            script.to_str().unwrap(),
+            "-i",
+            "2",
+            "--name",
+            "api",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("online").count(), 2, "{out}");
+    let (ok, out, _) = run_cli(home.path(), &["ls", "--json"]).await;
+    assert!(ok);
+    let procs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(by_status(&procs, "online").len(), 2);
+    let (ok, out, err) = run_cli(home.path(), &["info", "--json"]).await;
+    assert!(ok, "{err}");
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["local_stack"], true);
+    assert_eq!(info["controllers"].as_array().unwrap().len(), 1);
+    assert_eq!(info["hosts"].as_array().unwrap().len(), 1);
+    // kill stops workers, daemon and nats-server; the desired state stays in the home.
+    let (ok, out, err) = run_cli(home.path(), &["kill"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("stopped the local stack"), "{out}");
+    for p in &procs {
+        let pid = p["pid"].as_i64().unwrap() as i32;
+        assert!(await_pid_exit(pid, WAIT).await, "worker {pid} stopped");
+    }
+    let (ok, out, _) = run_cli(home.path(), &["info", "--json"]).await;
+    assert!(ok);
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        info["problem"]
+            .as_str()
+            .unwrap()
+            .contains("no local stack runs")
+    );
+    // The next verb starts the stack again, and the apps come back on their own (pm2 resurrect).
+    let (ok, out, err) = run_cli(home.path(), &["ls", "--json"]).await;
+    assert!(ok, "{err}");
+    let procs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    assert!(procs.iter().all(|p| p["name"] == "api"));
+}

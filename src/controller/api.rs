@@ -983,14 +983,24 @@ async fn logs(ctx: &Ctx, r: LogsRequest) -> Result<Reply, ControlError> {
     Ok(reply)
 }
 
-/// Every live agent's processes (so processes started outside the desired state show too).
+/// Every live agent's processes (so processes started outside the desired state show too),
+/// and those of every host the desired state names (a controller that just started has not
+/// heard every host yet).
 async fn ls(ctx: &Ctx, r: TargetRequest) -> Reply {
-    let reqs: Vec<(String, Request)> = ctx
-        .live()
+    let mut hosts: BTreeSet<String> = ctx.live().into_iter().map(|c| c.host).collect();
+    match desired(ctx).await {
+        Ok(d) => hosts.extend(
+            d.into_iter()
+                .filter(|(_, a)| !a.apps.is_empty())
+                .map(|(h, _)| h),
+        ),
+        Err(e) => tracing::warn!("ls without the desired state: {e}"),
+    }
+    let reqs: Vec<(String, Request)> = hosts
         .into_iter()
-        .map(|c| {
+        .map(|host| {
             (
-                c.host,
+                host,
                 Request::List(TargetRequest {
                     request_id: Uuid::new_v4(),
                     target: r.target.clone(),

@@ -232,13 +232,24 @@ pub async fn daemon(
     };
     let _ = watcher.flush().await;
 
+    // The agent starts once the controller listens, so the controller hears the agent's
+    // `online` event and can place on this host at once.
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let mut go = Some(go_tx);
+    let agent_settings = role_settings.clone();
     let mut agent = Role {
         name: "agent",
         stop: Some(stop_tx),
-        task: tokio::spawn(crate::agent::run(role_settings.clone(), async move {
-            let _ = stop_rx.await;
-        })),
+        task: tokio::spawn(async move {
+            if go_rx.await.is_err() {
+                return Ok(());
+            }
+            crate::agent::run(agent_settings, async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        }),
         ended: false,
     };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -273,7 +284,12 @@ pub async fn daemon(
                 None => break Some("the subscription to the agent's host events ended".into()),
             },
             r = &mut up_rx, if !controller_up => match r {
-                Ok(()) => controller_up = true,
+                Ok(()) => {
+                    controller_up = true;
+                    if let Some(go) = go.take() {
+                        let _ = go.send(());
+                    }
+                }
                 Err(_) => break Some("the controller ended before it was ready".into()),
             },
             r = &mut agent.task, if !agent.ended => {
