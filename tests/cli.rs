@@ -384,3 +384,89 @@ async fn on_a_laptop_start_just_works_and_apps_come_back_after_kill() {
     assert_eq!(procs.len(), 2, "{procs:?}");
     assert!(procs.iter().all(|p| p["name"] == "api"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_monit_and_an_agent_that_does_not_answer() {
+    let mut fleet = Fleet::start(&["h1", "h2"]).await;
+    let app = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster-app.js");
+    let (ok, _, err) = fleet
+        .cli(&["start", app.to_str().unwrap(), "-i", "2", "--name", "demo"])
+        .await;
+    assert!(ok, "{err}");
+    let procs = fleet.ls().await;
+    let hosts: std::collections::BTreeSet<&str> =
+        procs.iter().map(|p| p["host"].as_str().unwrap()).collect();
+    assert_eq!(hosts.len(), 2, "one instance per host: {procs:?}");
+
+    // logs --follow: the recent lines, then a live one caused by a message.
+    let url = fleet.nats.url();
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .env("FLOTILLA_HOME", fleet.cli_home.path())
+        .env("NO_COLOR", "1")
+        .env_remove("FLOTILLA_NATS_URL")
+        .args([
+            "--nats-url",
+            &url,
+            "logs",
+            "demo",
+            "--follow",
+            "--lines",
+            "3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(follow.stdout.take().unwrap()));
+    let mut next = async || {
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("logs still runs")
+    };
+    // The tails end with an empty line after the last block (2 processes × out and err).
+    let mut blocks = 0;
+    while blocks < 4 {
+        if next().await.contains("last ") {
+            blocks += 1;
+        }
+    }
+    let (ok, _, err) = fleet.cli(&["send", "demo", r#"{"ping":42}"#]).await;
+    assert!(ok, "{err}");
+    loop {
+        let l = next().await;
+        if l.contains(r#"got {"ping":42}"#) {
+            assert!(l.contains("|demo"), "{l}");
+            break;
+        }
+    }
+    drop(follow);
+
+    // monit --json: one array per refresh.
+    let (ok, out, err) = fleet
+        .cli(&["monit", "--json", "--frames", "2", "--interval", "100ms"])
+        .await;
+    assert!(ok, "{err}");
+    let frames: Vec<Vec<Value>> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(frames.len(), 2);
+    assert!(frames.iter().all(|f| f.len() == 2));
+
+    // An agent that goes away: ls shows the rest and says who did not answer; a stop is saved
+    // for it and says so.
+    let h2 = fleet.agents.pop().unwrap();
+    h2.stop().await.unwrap();
+    let (ok, out, err) = fleet.cli(&["ls"]).await;
+    assert!(!ok);
+    assert!(err.contains("h2"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(out.contains("h1"), "{out}");
+    let (ok, _, err) = fleet.cli(&["stop", "demo"]).await;
+    assert!(!ok);
+    assert!(err.contains("h2") && err.contains("converges"), "{err}");
+    fleet.stop().await;
+}
