@@ -766,20 +766,8 @@ impl Supervisor {
         let instances = spec.instances.unwrap_or(ids.len() as u32);
         for (i, &pm_id) in ids.iter().enumerate() {
             self.next_pm_id = self.next_pm_id.max(pm_id.saturating_add(1));
-            let meta = ProcessMeta {
-                pm_id,
-                name: app.name().into(),
-                namespace: app.namespace().into(),
-                rev: None,
-                host: self.cfg.host.clone(),
-                pid: 0,
-                instance: numbers.get(i).copied().unwrap_or(i as u32),
-                exec_mode: launch.exec_mode,
-                status: Status::Launching,
-                restart_time: 0,
-                pm_uptime: 0,
-                app_id,
-            };
+            let instance = numbers.get(i).copied().unwrap_or(i as u32);
+            let meta = self.new_meta(app, pm_id, instance, launch.exec_mode, app_id);
             let relay = self.cfg.hub.worker(app, &meta);
             let log = |kind: &str| {
                 self.cfg
@@ -832,6 +820,31 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A new process's metadata: launching, never run.
+    fn new_meta(
+        &self,
+        app: &AppKey,
+        pm_id: u32,
+        instance: u32,
+        exec_mode: crate::protocol::ExecMode,
+        app_id: Uuid,
+    ) -> ProcessMeta {
+        ProcessMeta {
+            pm_id,
+            name: app.name().into(),
+            namespace: app.namespace().into(),
+            rev: None,
+            host: self.cfg.host.clone(),
+            pid: 0,
+            instance,
+            exec_mode,
+            status: Status::Launching,
+            restart_time: 0,
+            pm_uptime: 0,
+            app_id,
+        }
+    }
+
     /// An assigned app that cannot start here (its script is missing, ...): a `spawn:error`
     /// event per pm_id, so whoever watches the app (the CLI waiting for `online`) hears why.
     fn report_unstartable(&self, spec: &AppSpec, e: &ControlError) {
@@ -839,20 +852,16 @@ impl Supervisor {
             return;
         };
         for (i, &pm_id) in spec.pm_ids.iter().enumerate() {
-            let meta = ProcessMeta {
+            let instance = spec.instance_numbers.get(i).copied().unwrap_or(i as u32);
+            let exec_mode = spec.exec_mode.unwrap_or_default();
+            let mut meta = self.new_meta(
+                &app,
                 pm_id,
-                name: app.name().into(),
-                namespace: app.namespace().into(),
-                rev: None,
-                host: self.cfg.host.clone(),
-                pid: 0,
-                instance: spec.instance_numbers.get(i).copied().unwrap_or(i as u32),
-                exec_mode: spec.exec_mode.unwrap_or_default(),
-                status: Status::Errored,
-                restart_time: 0,
-                pm_uptime: 0,
-                app_id: spec.app_id.unwrap_or_default(),
-            };
+                instance,
+                exec_mode,
+                spec.app_id.unwrap_or_default(),
+            );
+            meta.status = Status::Errored;
             let relay = self.cfg.hub.worker(&app, &meta);
             relay.event(&EventFields::named("spawn:error").reason(e.message.clone()));
             self.cfg.hub.retire(&relay);

@@ -900,83 +900,89 @@ async fn reload(
     Ok(reply)
 }
 
-async fn send(ctx: &Ctx, r: SendRequest) -> Result<Reply, ControlError> {
+/// Asks every agent holding processes that `target` names, each request made by `make` from
+/// that host's pm_ids; the replies merged. With nothing selected: not found (or an empty reply
+/// for `all`, when `empty_ok`).
+async fn fan_out(
+    ctx: &Ctx,
+    id: Uuid,
+    target: &Target,
+    verb: &str,
+    empty_ok: bool,
+    within: Duration,
+    make: impl Fn(Vec<u32>) -> Request,
+) -> Result<Reply, ControlError> {
     let desired = desired(ctx).await?;
-    let sel = select(&desired, &r.target);
+    let sel = select(&desired, target);
     if sel.is_empty() {
-        return Err(not_found(&r.target));
+        if empty_ok && *target == Target::All {
+            return Ok(Reply::ok(Some(id), CTL));
+        }
+        return Err(not_found(target));
     }
-    let reqs = sel
-        .into_iter()
-        .map(|(h, ids)| {
-            let req = SendRequest {
+    let reqs = sel.into_iter().map(|(h, ids)| (h, make(ids))).collect();
+    Ok(merge(id, ask_all(ctx, reqs, within).await, verb))
+}
+
+async fn send(ctx: &Ctx, r: SendRequest) -> Result<Reply, ControlError> {
+    fan_out(
+        ctx,
+        r.request_id,
+        &r.target,
+        "send",
+        false,
+        READ_TIMEOUT * 5,
+        |ids| {
+            Request::Send(SendRequest {
                 request_id: Uuid::new_v4(),
                 target: r.target.clone(),
                 message: r.message.clone(),
                 pm_ids: ids,
-            };
-            (h, Request::Send(req))
-        })
-        .collect();
-    Ok(merge(
-        r.request_id,
-        ask_all(ctx, reqs, READ_TIMEOUT * 5).await,
-        "send",
-    ))
+            })
+        },
+    )
+    .await
 }
 
 async fn signal(ctx: &Ctx, r: SignalRequest) -> Result<Reply, ControlError> {
     crate::protocol::signals::parse(&r.signal)?;
-    let desired = desired(ctx).await?;
-    let sel = select(&desired, &r.target);
-    if sel.is_empty() {
-        return Err(not_found(&r.target));
-    }
-    let reqs = sel
-        .into_iter()
-        .map(|(h, ids)| {
-            let req = SignalRequest {
+    fan_out(
+        ctx,
+        r.request_id,
+        &r.target,
+        "signal",
+        false,
+        READ_TIMEOUT * 5,
+        |ids| {
+            Request::Signal(SignalRequest {
                 request_id: Uuid::new_v4(),
                 target: r.target.clone(),
                 signal: r.signal.clone(),
                 pm_ids: ids,
-            };
-            (h, Request::Signal(req))
-        })
-        .collect();
-    Ok(merge(
-        r.request_id,
-        ask_all(ctx, reqs, READ_TIMEOUT * 5).await,
-        "signal",
-    ))
+            })
+        },
+    )
+    .await
 }
 
 async fn logs(ctx: &Ctx, r: LogsRequest) -> Result<Reply, ControlError> {
-    let desired = desired(ctx).await?;
-    let sel = select(&desired, &r.target);
-    if sel.is_empty() {
-        if r.target == Target::All {
-            return Ok(Reply::ok(Some(r.request_id), CTL));
-        }
-        return Err(not_found(&r.target));
-    }
-    let reqs = sel
-        .into_iter()
-        .map(|(h, ids)| {
-            let req = LogsRequest {
+    let mut reply = fan_out(
+        ctx,
+        r.request_id,
+        &r.target,
+        "logs",
+        true,
+        READ_TIMEOUT * 2,
+        |ids| {
+            Request::Logs(LogsRequest {
                 request_id: Uuid::new_v4(),
                 target: r.target.clone(),
                 pm_ids: ids,
                 lines: r.lines,
-            };
-            (h, Request::Logs(req))
-        })
-        .collect();
-    let mut reply = merge(
-        r.request_id,
-        ask_all(ctx, reqs, READ_TIMEOUT * 2).await,
-        "logs",
-    );
+            })
+        },
+    )
+    .await?;
     reply
         .logs
         .sort_by(|a, b| (a.pm_id, &a.stream).cmp(&(b.pm_id, &b.stream)));
