@@ -309,6 +309,35 @@ async fn ecosystem_files_start_apps_and_apply_changes_to_running_ones() {
             "restarted with the new env"
         );
     }
+    // Fewer instances in the file: the surplus goes, and start does not wait for it.
+    std::fs::write(
+        &eco,
+        "[[apps]]\nname = \"web\"\nscript = \"chatty.js\"\ninstances = 1\n",
+    )
+    .unwrap();
+    let (ok, _, err) = fleet.cli(&["start", eco_s]).await;
+    assert!(ok, "{err}");
+    assert_eq!(by_status(&fleet.ls().await, "online").len(), 1);
+    // A script started again with -f and no -i keeps its count; so does a stopped app.
+    let script = dir.path().join("chatty.js");
+    let script = script.to_str().unwrap();
+    let (ok, _, err) = fleet
+        .cli(&["start", script, "--name", "solo", "-i", "3"])
+        .await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = fleet.cli(&["start", script, "--name", "solo", "-f"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = fleet.cli(&["stop", "solo"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = fleet.cli(&["start", script, "--name", "solo"]).await;
+    assert!(ok, "a stopped app starts again: {err}");
+    let solo: Vec<Value> = fleet
+        .ls()
+        .await
+        .into_iter()
+        .filter(|p| p["name"] == "solo")
+        .collect();
+    assert_eq!(by_status(&solo, "online").len(), 3, "{solo:?}");
     // A broken file: file, line and column.
     std::fs::write(&eco, "[[apps]\nname = 1\n").unwrap();
     let (ok, _, err) = fleet.cli(&["start", eco_s]).await;

@@ -21,6 +21,8 @@ pub struct Have<'a> {
     pub spec: &'a AppSpec,
     /// True while it runs (or is about to).
     pub alive: bool,
+    /// True while a stop is under way.
+    pub stopping: bool,
 }
 
 /// A step of the plan.
@@ -85,7 +87,10 @@ pub fn plan(have: &[Have<'_>], prev: Option<&Assignment>, want: &Assignment) -> 
                     }
                 } else if !running && h.alive {
                     out.push(Action::Stop(h.pm_id));
-                } else if *running && !h.alive && before.get(&h.pm_id) == Some(&false) {
+                } else if *running
+                    && (!h.alive || h.stopping)
+                    && before.get(&h.pm_id) == Some(&false)
+                {
                     out.push(Action::Resume(h.pm_id));
                 }
             }
@@ -176,11 +181,13 @@ mod tests {
                 pm_id: 0,
                 spec: &api,
                 alive: true,
+                stopping: false,
             },
             Have {
                 pm_id: 1,
                 spec: &api,
                 alive: false,
+                stopping: false,
             },
         ];
         assert_eq!(plan(&have, None, &w), vec![]);
@@ -196,26 +203,31 @@ mod tests {
                 pm_id: 0,
                 spec: &old,
                 alive: true,
+                stopping: false,
             },
             Have {
                 pm_id: 1,
                 spec: &old,
                 alive: true,
+                stopping: false,
             },
             Have {
                 pm_id: 2,
                 spec: &old,
                 alive: true,
+                stopping: false,
             },
             Have {
                 pm_id: 5,
                 spec: &jobs,
                 alive: true,
+                stopping: false,
             },
             Have {
                 pm_id: 9,
                 spec: &gone,
                 alive: true,
+                stopping: false,
             },
         ];
         let mut new = spec("api", &[0, 1, 3]);
@@ -250,11 +262,13 @@ mod tests {
                 pm_id: 0,
                 spec: &a,
                 alive: true,
+                stopping: false,
             },
             Have {
                 pm_id: 1,
                 spec: &a,
                 alive: true,
+                stopping: false,
             },
         ];
         let p = plan(&have, None, &want(vec![(b, true)]));
@@ -292,11 +306,13 @@ mod more_tests {
                     pm_id: 0,
                     spec,
                     alive: true,
+                    stopping: false,
                 },
                 Have {
                     pm_id: 1,
                     spec,
                     alive: alive1,
+                    stopping: false,
                 },
             ]
         };

@@ -460,6 +460,7 @@ impl Supervisor {
                     pm_id: p.meta.pm_id,
                     spec: &p.spec,
                     alive: crate::protocol::control::is_alive(p.meta.status),
+                    stopping: p.meta.status == Status::Stopping,
                 })
                 .collect();
             converge::plan(&have, self.applied.as_ref(), &a)
@@ -697,7 +698,16 @@ impl Supervisor {
             };
             let same = converge::same_shape(&p.spec, &spec);
             let alive = crate::protocol::control::is_alive(p.meta.status);
-            let what = if !same && alive {
+            let what = if p.meta.status == Status::Stopping {
+                // Still stopping (a stop under way when it was wanted running again): run it
+                // again once it has exited, with these options.
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.spec = spec.clone();
+                    p.launch = launch.clone();
+                }
+                self.stop_one(id, AfterStop::Restart, None);
+                "restarting"
+            } else if !same && alive {
                 if let Some(p) = self.procs.get_mut(&id) {
                     p.spec = spec.clone();
                     p.launch = launch.clone();

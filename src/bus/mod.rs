@@ -65,6 +65,9 @@ pub async fn connect_options(settings: &Settings, name: &str) -> Result<ConnectO
         .name(name)
         .connection_timeout(Duration::from_secs(2))
         .client_capacity(8192)
+        // Every request is bounded by its caller (a reload may take minutes); async-nats's
+        // own 10 s default would cut long ones short.
+        .request_timeout(None)
         .event_callback(|ev| async move {
             match ev {
                 async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; buffering"),

@@ -210,7 +210,13 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
             force: force || a.force,
         };
         let reply = client.api("start", &req, START_WITHIN).await?;
-        let ids: BTreeSet<u32> = reply.changes.iter().map(|c| c.pm_id).collect();
+        // Instances a re-applied start removed (scaled down) never come online.
+        let ids: BTreeSet<u32> = reply
+            .changes
+            .iter()
+            .filter(|c| c.what != "deleted" && c.what != "absent")
+            .map(|c| c.pm_id)
+            .collect();
         let mut state: BTreeMap<u32, Status> = reply
             .processes
             .iter()
@@ -279,7 +285,9 @@ async fn wait_online(
                 .filter(|id| state.get(id) == Some(&Status::Online))
                 .count();
             progress.say(&format!("starting {app}: {online}/{} online", ids.len()));
-            let Some(m) = watch.next().await else { break };
+            let Some(m) = watch.next().await else {
+                return false;
+            };
             let Ok(env) = serde_json::from_slice::<Envelope>(&m.payload) else {
                 continue;
             };
@@ -305,8 +313,15 @@ async fn wait_online(
                 }
             }
         }
+        true
     };
-    if tokio::time::timeout(START_WITHIN, wait).await.is_err() {
+    let outcome = tokio::time::timeout(START_WITHIN, wait).await;
+    if outcome == Ok(false) {
+        return Err(format!(
+            "{app}: the connection to NATS ended before every instance was online: `flotilla ls` shows where they are"
+        ));
+    }
+    if outcome.is_err() {
         let late: Vec<String> = ids
             .iter()
             .filter(|id| state.get(id) != Some(&Status::Online))
@@ -437,27 +452,21 @@ pub async fn scale(settings: &Settings, a: &ScaleArgs) -> anyhow::Result<()> {
         )
     };
     let s = a.instances.trim();
-    let client = Client::connect(settings).await?;
-    let n: u32 = if let Some(d) = s.strip_prefix('+').or_else(|| s.strip_prefix('-')) {
-        let d: u32 = d.parse().map_err(|_| bad())?;
-        let cur = ls_reply(&client, &TargetRequest::new(app.clone()))
-            .await?
-            .processes
-            .len() as u32;
-        if s.starts_with('+') {
-            cur.saturating_add(d)
-        } else {
-            cur.saturating_sub(d)
-        }
+    let (instances, change) = if let Some(d) = s.strip_prefix('+') {
+        (0, Some(d.parse::<i64>().map_err(|_| bad())?))
+    } else if let Some(d) = s.strip_prefix('-') {
+        (0, Some(-d.parse::<i64>().map_err(|_| bad())?))
     } else {
-        s.parse().map_err(|_| bad())?
+        (s.parse::<u32>().map_err(|_| bad())?, None)
     };
+    let client = Client::connect(settings).await?;
     let mut progress = Line::new();
-    progress.say(&format!("scaling {app} to {n}"));
+    progress.say(&format!("scaling {app} to {s}"));
     let r = ScaleRequest {
         request_id: Uuid::new_v4(),
         app,
-        instances: n,
+        instances,
+        change,
     };
     let reply = client.api_reply("scale", &r, START_WITHIN).await?;
     progress.done();

@@ -370,6 +370,7 @@ async fn start(ctx: &Ctx, r: ApiStartRequest) -> Result<Reply, ControlError> {
         HostId::new(h)?;
     }
     let key = state::app_key(&app);
+    let _locked = ctx.lock_apps([&app]).await;
     let desired = desired(ctx).await?;
     if let Some((rec, _)) = ctx.store.get::<AppRecord>(&key).await.map_err(store_err)? {
         let placed = slots(&desired, &app);
@@ -428,31 +429,14 @@ async fn start(ctx: &Ctx, r: ApiStartRequest) -> Result<Reply, ControlError> {
             StoreError::Refused(m) => ControlError::new(ErrorKind::AlreadyRunning, m),
             e => store_err(e),
         })?;
-    let ids = ids::allocate(&ctx.store, n).await.map_err(store_err)?;
-    let mut ids = ids.into_iter();
-    let mut number = 0u32;
-    let mut reqs = vec![];
-    for (host, count) in placed {
-        let list: Vec<(u32, u32)> = ids
-            .by_ref()
-            .take(count as usize)
-            .zip(number..number + count)
-            .collect();
-        number += count;
-        let mut entry = AssignedApp {
-            spec: base.clone(),
-            running: true,
-            stopped: BTreeSet::new(),
-        };
-        entry.set_instances(&list);
-        let spec = entry.spec.clone();
-        edit_host(ctx, &host, |a| {
-            a.apps.retain(|e| e.key().as_ref() != Some(&app));
-            a.apps.push(entry.clone());
-        })
-        .await?;
-        reqs.push((host, start_req(spec)));
-    }
+    let reqs = match assign_new(ctx, &app, &base, n, placed).await {
+        Ok(reqs) => reqs,
+        Err(e) => {
+            // Nothing half-written stays behind: a retried start then works.
+            let _ = remove(ctx, &app, &Target::All).await;
+            return Err(e);
+        }
+    };
     let results = ask_all(ctx, reqs, START_TIMEOUT).await;
     // An agent that refused (script missing there, ...) undoes the whole start: nothing is
     // left half-started. An agent that did not answer keeps its share: it converges later.
@@ -479,6 +463,42 @@ async fn start(ctx: &Ctx, r: ApiStartRequest) -> Result<Reply, ControlError> {
     Ok(reply)
 }
 
+/// Allocates pm_ids for a new app and writes each host's share; returns the start requests.
+async fn assign_new(
+    ctx: &Ctx,
+    app: &AppKey,
+    base: &AppSpec,
+    n: u32,
+    placed: BTreeMap<String, u32>,
+) -> Result<Vec<(String, Request)>, ControlError> {
+    let ids = ids::allocate(&ctx.store, n).await.map_err(store_err)?;
+    let mut ids = ids.into_iter();
+    let mut number = 0u32;
+    let mut reqs = vec![];
+    for (host, count) in placed {
+        let list: Vec<(u32, u32)> = ids
+            .by_ref()
+            .take(count as usize)
+            .zip(number..number + count)
+            .collect();
+        number += count;
+        let mut entry = AssignedApp {
+            spec: base.clone(),
+            running: true,
+            stopped: BTreeSet::new(),
+        };
+        entry.set_instances(&list);
+        let spec = entry.spec.clone();
+        edit_host(ctx, &host, |a| {
+            a.apps.retain(|e| e.key().as_ref() != Some(app));
+            a.apps.push(entry.clone());
+        })
+        .await?;
+        reqs.push((host, start_req(spec)));
+    }
+    Ok(reqs)
+}
+
 fn ids_text(ids: &[u32]) -> String {
     ids.iter()
         .map(u32::to_string)
@@ -500,7 +520,10 @@ async fn apply(
     labels: BTreeMap<String, String>,
     desired: BTreeMap<String, Assignment>,
 ) -> Result<Reply, ControlError> {
-    let n = spec.instances.unwrap_or(1);
+    // No count given (`start app.js -f`, an ecosystem without `instances`): keep the current one.
+    let n = spec
+        .instances
+        .unwrap_or_else(|| (slots(&desired, app).len() as u32).max(1));
     let mut base = spec;
     base.app_id = rec.spec.app_id;
     base.pm_ids.clear();
@@ -649,12 +672,6 @@ async fn rescale(
 }
 
 async fn scale(ctx: &Ctx, r: ScaleRequest) -> Result<Reply, ControlError> {
-    if r.instances > MAX_INSTANCES {
-        return Err(ControlError::new(
-            ErrorKind::InvalidValue,
-            format!("{} instances is more than {MAX_INSTANCES}", r.instances),
-        ));
-    }
     let desired = desired(ctx).await?;
     let apps = apps_of(&desired, &r.app);
     let app = match apps.len() {
@@ -675,7 +692,20 @@ async fn scale(ctx: &Ctx, r: ScaleRequest) -> Result<Reply, ControlError> {
             ));
         }
     };
-    if r.instances == 0 {
+    let _locked = ctx.lock_apps([&app]).await;
+    let desired = self::desired(ctx).await?;
+    // `+N` / `-N` are resolved here, against the desired state (not what answered an `ls`).
+    let instances = match r.change {
+        Some(d) => (slots(&desired, &app).len() as i64 + d).clamp(0, i64::from(u32::MAX)) as u32,
+        None => r.instances,
+    };
+    if instances > MAX_INSTANCES {
+        return Err(ControlError::new(
+            ErrorKind::InvalidValue,
+            format!("{instances} instances is more than {MAX_INSTANCES}"),
+        ));
+    }
+    if instances == 0 {
         return Err(ControlError::new(
             ErrorKind::InvalidValue,
             format!(
@@ -702,7 +732,7 @@ async fn scale(ctx: &Ctx, r: ScaleRequest) -> Result<Reply, ControlError> {
             ));
         }
     };
-    let (gained, removed) = rescale(ctx, &app, &rec, r.instances, &desired).await?;
+    let (gained, removed) = rescale(ctx, &app, &rec, instances, &desired).await?;
     let mut reqs = vec![];
     for (host, a) in &gained {
         if let Some(s) = share(a, &app) {
@@ -774,23 +804,30 @@ async fn remove(ctx: &Ctx, app: &AppKey, target: &Target) -> Result<(), ControlE
 /// Deletes the app record of an app no assignment names any more (assignments first, then the
 /// record: a crash in between leaves a record without instances, which `start` replaces).
 async fn forget_if_empty(ctx: &Ctx, app: &AppKey) -> Result<(), ControlError> {
-    let desired = desired(ctx).await?;
-    if !slots(&desired, app).is_empty() {
-        return Ok(());
-    }
+    // The record's revision first: a `start -f` that rewrites the record after this read makes
+    // the delete fail instead of deleting an app that has instances again.
     let key = state::app_key(app);
-    if let Some((_, rev)) = ctx
+    let Some((_, rev)) = ctx
         .store
         .get::<serde_json::Value>(&key)
         .await
         .map_err(store_err)?
-    {
-        ctx.store.delete_if(&key, rev).await.map_err(store_err)?;
+    else {
+        return Ok(());
+    };
+    let desired = desired(ctx).await?;
+    if !slots(&desired, app).is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = ctx.store.delete_if(&key, rev).await {
+        tracing::info!(%app, "app record kept: it changed meanwhile ({e})");
     }
     Ok(())
 }
 
 async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, ControlError> {
+    let apps = apps_of(&desired(ctx).await?, &r.target);
+    let _locked = ctx.lock_apps(&apps).await;
     let desired = desired(ctx).await?;
     let sel = select(&desired, &r.target);
     if sel.is_empty() {
@@ -799,7 +836,6 @@ async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, Cont
         }
         return Err(not_found(&r.target));
     }
-    let apps = apps_of(&desired, &r.target);
     for (host, ids) in &sel {
         edit_host(ctx, host, |a| {
             for e in a.apps.iter_mut() {

@@ -69,6 +69,9 @@ pub(crate) struct Ctx {
     fleet: Fleet,
     /// Told whenever a host joins the fleet view.
     joined: tokio::sync::Notify,
+    /// One lock per app: the verbs that change an app run one at a time for it (their plans
+    /// read the desired state, then write it).
+    app_locks: Mutex<BTreeMap<crate::protocol::AppKey, Arc<tokio::sync::Mutex<()>>>>,
     lost_after: Duration,
 }
 
@@ -110,6 +113,7 @@ pub async fn run_ready(
         store,
         fleet: fleet.clone(),
         joined: tokio::sync::Notify::new(),
+        app_locks: Mutex::default(),
         lost_after: settings.host_lost_after,
     });
     let dedupe = Arc::new(Dedupe::new(REMEMBERED));
@@ -183,6 +187,28 @@ pub async fn run_ready(
 }
 
 impl Ctx {
+    /// Holds the locks of `apps` (taken in order, so two requests never wait on each other).
+    async fn lock_apps<'a>(
+        &self,
+        apps: impl IntoIterator<Item = &'a crate::protocol::AppKey>,
+    ) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut wanted: Vec<&crate::protocol::AppKey> = apps.into_iter().collect();
+        wanted.sort();
+        wanted.dedup();
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let mut m = self.app_locks.lock().unwrap_or_else(|p| p.into_inner());
+            wanted
+                .into_iter()
+                .map(|k| m.entry(k.clone()).or_default().clone())
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        for l in locks {
+            guards.push(l.lock_owned().await);
+        }
+        guards
+    }
+
     /// The live hosts; when there are none yet (a controller that just started, before the
     /// first heartbeats), waits up to `within` for one to be heard.
     async fn live_or_wait(&self, within: Duration) -> Vec<Candidate> {

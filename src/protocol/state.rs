@@ -139,8 +139,12 @@ pub struct ScaleRequest {
     pub request_id: uuid::Uuid,
     /// The app: `name` or `ns/name`.
     pub app: super::control::Target,
-    /// The new total across the fleet.
+    /// The new total across the fleet (ignored when `change` is set).
+    #[serde(default)]
     pub instances: u32,
+    /// A change of the current count instead (`scale api +2` is `Some(2)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<i64>,
 }
 
 #[cfg(test)]
