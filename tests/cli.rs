@@ -223,7 +223,14 @@ async fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             vec!["start", script, "--env", "prod"],
             "selects env_prod of an ecosystem file",
         ),
-        (vec!["start", script, "--watch"], "not supported yet"),
+        (
+            vec!["start", script, "--listen", "tcp://127.0.0.1:0"],
+            "not supported yet",
+        ),
+        (
+            vec!["start", script, "--cron-restart", "every day"],
+            "not a cron pattern",
+        ),
     ];
     for (args, want) in cases {
         let (ok, out, err) = fleet.cli(&args).await;
@@ -497,5 +504,77 @@ async fn logs_follow_monit_and_an_agent_that_does_not_answer() {
     let (ok, _, err) = fleet.cli(&["stop", "demo"]).await;
     assert!(!ok);
     assert!(err.contains("h2") && err.contains("converges"), "{err}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cron_restart_and_watch_restart_the_app() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let client = fleet.nats.client().await;
+    let mut events = Watch::new(&client, "pm.default.*.process:event").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("chatty.js"), dir.path().join("chatty.js")).unwrap();
+    let script = dir.path().join("chatty.js");
+    let script = script.to_str().unwrap();
+
+    // Every second (six fields: seconds first).
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script,
+            "--name",
+            "tick",
+            "--cron-restart",
+            "* * * * * *",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let r = events
+        .until("a cron restart", |s| {
+            s.env.process.name == "tick"
+                && s.env.event.as_ref().is_some_and(|e| {
+                    e.event == "restart"
+                        && e.reason
+                            .as_deref()
+                            .is_some_and(|r| r.contains("cron_restart"))
+                })
+        })
+        .await;
+    let pm_id = r.env.process.pm_id;
+    events
+        .until("online again", |s| {
+            s.env.process.pm_id == pm_id
+                && s.env.process.restart_time >= 1
+                && event_name(s) == Some("online")
+        })
+        .await;
+    let (ok, _, err) = fleet.cli(&["delete", "tick"]).await;
+    assert!(ok, "{err}");
+
+    // --watch: a change in the app's folder restarts it; one in an ignored place does not
+    // (checked by the order of events: the ignored write comes first).
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script,
+            "--name",
+            "w",
+            "--watch",
+            "--ignore-watch",
+            "*.tmp",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    std::fs::write(dir.path().join("scratch.tmp"), "ignored").unwrap();
+    std::fs::create_dir_all(dir.path().join("node_modules")).unwrap();
+    std::fs::write(dir.path().join("node_modules/x.js"), "ignored").unwrap();
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+    let r = events
+        .until("a watch restart", |s| {
+            s.env.process.name == "w" && s.env.event.as_ref().is_some_and(|e| e.event == "restart")
+        })
+        .await;
+    let why = r.env.event.unwrap().reason.unwrap();
+    assert!(why.contains("config.json"), "{why}");
     fleet.stop().await;
 }

@@ -18,6 +18,7 @@ pub mod spawn;
 pub mod stats;
 pub mod supervisor;
 pub mod tail;
+pub mod watch;
 pub mod worker;
 
 use crate::bus::{self, BusError, Outgoing, Relay};

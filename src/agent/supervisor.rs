@@ -57,12 +57,32 @@ pub struct Summary {
 enum Msg {
     Request(Box<Request>, oneshot::Sender<Reply>),
     Worker(WorkerEvent),
-    RestartDue { pm_id: u32, run_gen: u64 },
-    KillTimeout { pm_id: u32, run_gen: u64 },
-    ReadyTimeout { pm_id: u32, run_gen: u64 },
+    RestartDue {
+        pm_id: u32,
+        run_gen: u64,
+    },
+    KillTimeout {
+        pm_id: u32,
+        run_gen: u64,
+    },
+    ReadyTimeout {
+        pm_id: u32,
+        run_gen: u64,
+    },
     Summary(oneshot::Sender<Summary>),
     Converge(Box<Assignment>),
     Shutdown(oneshot::Sender<()>),
+    /// A watched file changed (pm2 `watch`).
+    Watched {
+        pm_id: u32,
+        generation: u64,
+        path: PathBuf,
+    },
+    /// The cron_restart schedule is due.
+    CronDue {
+        pm_id: u32,
+        generation: u64,
+    },
 }
 
 /// Handle to the supervisor task.
@@ -158,6 +178,12 @@ struct Proc {
     out_log: PathBuf,
     err_log: PathBuf,
     instances: u32,
+    /// The file watch (pm2 `watch`), and what it was made from.
+    file_watch: Option<super::watch::FileWatch>,
+    watch_key: Option<String>,
+    watch_gen: u64,
+    /// Bumped whenever the cron schedule is armed again (stale timers are ignored).
+    cron_gen: u64,
 }
 
 struct Op {
@@ -253,6 +279,38 @@ impl Supervisor {
                     }
                 }
                 Msg::KillTimeout { pm_id, run_gen } => self.on_kill_timeout(pm_id, run_gen),
+                Msg::Watched {
+                    pm_id,
+                    generation,
+                    path,
+                } => {
+                    let due = self.procs.get(&pm_id).is_some_and(|p| {
+                        p.watch_gen == generation
+                            && matches!(p.meta.status, Status::Online | Status::Launching)
+                    });
+                    if due && self.shutdown.is_none() {
+                        let reason = format!("watch: {} changed: restarting", path.display());
+                        self.scheduled_restart(pm_id, reason);
+                    }
+                }
+                Msg::CronDue { pm_id, generation } => {
+                    let Some(p) = self.procs.get(&pm_id) else {
+                        continue;
+                    };
+                    if p.cron_gen != generation || self.shutdown.is_some() {
+                        continue;
+                    }
+                    if matches!(p.meta.status, Status::Online | Status::Launching) {
+                        let reason = format!(
+                            "cron_restart '{}': restarting",
+                            p.spec.cron_restart.as_deref().unwrap_or_default()
+                        );
+                        self.scheduled_restart(pm_id, reason);
+                    } else {
+                        // Not running now: the next occurrence may find it running.
+                        self.arm_schedules(pm_id);
+                    }
+                }
                 Msg::Summary(reply) => {
                     let _ = reply.send(self.summary());
                     self.enforce_memory_limits();
@@ -522,6 +580,97 @@ impl Supervisor {
         self.applied = Some(a);
     }
 
+    /// A restart nobody typed (watch, cron, memory): a `restart` event with the reason, then a
+    /// graceful stop and a new run.
+    fn scheduled_restart(&mut self, pm_id: u32, reason: String) {
+        tracing::info!(pm_id, "{reason}");
+        self.emit(
+            pm_id,
+            EventFields::named("restart").manually(false).reason(reason),
+        );
+        self.stop_one(pm_id, AfterStop::Restart, None);
+    }
+
+    /// Arms the cron_restart timer for the next occurrence, and (re)makes the file watch when
+    /// its settings changed. Called at every new run.
+    fn arm_schedules(&mut self, pm_id: u32) {
+        use crate::protocol::schedule::{CronRestart, Watch};
+        let tracker = self.cfg.tracker.clone();
+        let tx = self.tx.clone();
+        let cancel = self.cfg.cancel.clone();
+        let log_dir = self.cfg.log_dir.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        p.cron_gen += 1;
+        if let Some(expr) = &p.spec.cron_restart {
+            match CronRestart::parse(expr) {
+                Ok(Some(c)) => {
+                    if let Some(d) = c.next_after(chrono::Local::now()) {
+                        let generation = p.cron_gen;
+                        schedule(
+                            &tracker,
+                            &cancel,
+                            &tx,
+                            Instant::now() + d,
+                            Msg::CronDue { pm_id, generation },
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(pm_id, "{e}"),
+            }
+        }
+        let key = (!p.spec.watch.is_off()).then(|| {
+            serde_json::json!([
+                p.spec.watch,
+                p.spec.ignore_watch,
+                p.spec.watch_delay.as_millis() as u64,
+                p.launch.cwd
+            ])
+            .to_string()
+        });
+        if key == p.watch_key {
+            return;
+        }
+        p.file_watch = None;
+        p.watch_key = key;
+        p.watch_gen += 1;
+        let cwd = p.launch.cwd.clone();
+        let roots: Vec<PathBuf> = match &p.spec.watch {
+            Watch::Off => return,
+            Watch::Cwd => vec![cwd],
+            Watch::Paths(ps) => ps.iter().map(|x| cwd.join(x)).collect(),
+        };
+        let generation = p.watch_gen;
+        let started =
+            super::watch::Filter::new(roots, &p.spec.ignore_watch, log_dir).and_then(|f| {
+                super::watch::start(&tracker, f, p.spec.watch_delay, move |path| {
+                    if tx
+                        .try_send(Msg::Watched {
+                            pm_id,
+                            generation,
+                            path,
+                        })
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            pm_id,
+                            "a file change was not acted on: the agent is busy or stopping"
+                        );
+                    }
+                })
+            });
+        match started {
+            Ok(w) => p.file_watch = Some(w),
+            Err(reason) => {
+                tracing::warn!(pm_id, "{reason}");
+                p.relay
+                    .event(&EventFields::named("watch:error").reason(reason));
+            }
+        }
+    }
+
     /// pm2's `max_memory_restart`: checked at every heartbeat sample; a worker over its limit is
     /// restarted gracefully (pm2 reloads it; the counters reset as in pm2).
     fn enforce_memory_limits(&mut self) {
@@ -541,11 +690,7 @@ impl Supervisor {
                 limit >> 20
             );
             tracing::warn!(pm_id, "{reason}");
-            self.emit(
-                pm_id,
-                EventFields::named("restart").manually(false).reason(reason),
-            );
-            self.stop_one(pm_id, AfterStop::Restart, None);
+            self.scheduled_restart(pm_id, reason);
         }
     }
 
@@ -575,6 +720,9 @@ impl Supervisor {
                 format!("kill_signal: {}", e.message),
             )
         })?;
+        if let Some(c) = &spec.cron_restart {
+            crate::protocol::schedule::CronRestart::parse(c)?;
+        }
         let launch = Arc::new(spawn::resolve(&spec, self.host())?);
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         if !spec.pm_ids.is_empty() {
@@ -803,6 +951,10 @@ impl Supervisor {
                 exit_code: None,
                 meter: CpuMeter::default(),
                 instances,
+                file_watch: None,
+                watch_key: None,
+                watch_gen: 0,
+                cron_gen: 0,
             };
             proc.relay
                 .event(&EventFields::named("start").manually(true));
@@ -933,6 +1085,12 @@ impl Supervisor {
                 p.meter = CpuMeter::default();
                 p.meta.pid = pid;
                 p.meta.pm_uptime = now_ms();
+                // Watch and cron are armed before anyone hears `online`: a change made by whoever
+                // waited for it counts.
+                self.arm_schedules(pm_id);
+                let Some(p) = self.procs.get_mut(&pm_id) else {
+                    return;
+                };
                 if p.spec.wait_ready {
                     p.meta.status = Status::Launching;
                     p.relay.set_meta(&p.meta);

@@ -54,12 +54,10 @@ pub struct Ecosystem {
 
 /// pm2 options we understand but do not act on yet, with the reason shown in the warning.
 const IGNORED: &[(&str, &str)] = &[
-    ("cron_restart", "not supported yet"),
-    ("cron", "not supported yet"),
-    ("watch", "not supported yet"),
-    ("ignore_watch", "not supported yet"),
-    ("watch_delay", "not supported yet"),
-    ("watch_options", "not supported yet"),
+    (
+        "watch_options",
+        "chokidar-specific: Flotilla watches with inotify",
+    ),
     ("merge_logs", "logs are always per process"),
     ("combine_logs", "logs are always per process"),
     ("out_file", "logs go to $FLOTILLA_HOME/logs"),
@@ -333,6 +331,28 @@ fn convert(
             "max_memory_restart" => {
                 spec.max_memory_restart = Some(bytes(value).ok_or_else(|| bad(key, "a size such as 200M, 1G or 512K"))?)
             }
+            "cron_restart" | "cron" => {
+                let c = match value {
+                    Value::String(c) => c.clone(),
+                    Value::Number(n) => n.to_string(),
+                    _ => return Err(bad(key, "a cron pattern such as \"0 3 * * *\"")),
+                };
+                crate::protocol::schedule::CronRestart::parse(&c)
+                    .map_err(|e| invalid(file, format!("{label}: {}", e.message)))?;
+                spec.cron_restart = Some(c);
+            }
+            "watch" => {
+                spec.watch = serde_json::from_value(value.clone())
+                    .map_err(|_| bad(key, "true, false, or a list of paths"))?
+            }
+            "ignore_watch" => {
+                spec.ignore_watch = match value {
+                    Value::String(s) => vec![s.clone()],
+                    _ => serde_json::from_value(value.clone())
+                        .map_err(|_| bad(key, "a glob or a list of globs"))?,
+                }
+            }
+            "watch_delay" => spec.watch_delay = dur(value).ok_or_else(|| bad(key, "a duration (ms or \"1s\")"))?,
             "stop_exit_codes" => {
                 spec.stop_exit_codes = serde_json::from_value::<ExitCodes>(value.clone())
                     .map_err(|_| bad(key, "an exit code or a list of them"))?
@@ -553,7 +573,7 @@ mod tests {
         let p = write(
             d.path(),
             "e.json",
-            r#"{"apps":[{"name":"api","script":"a.js","instanses":2,"watch":true}]}"#,
+            r#"{"apps":[{"name":"api","script":"a.js","instanses":2,"watch":true,"autostart":false}]}"#,
         );
         let e = load(&p, Some("staging"), 2).unwrap();
         let w = e.warnings.join("\n");
@@ -561,7 +581,9 @@ mod tests {
             w.contains("unknown option `instanses`") && w.contains("app 'api'"),
             "{w}"
         );
-        assert!(w.contains("`watch` ignored (not supported yet)"), "{w}");
+        assert!(w.contains("`autostart` ignored (not supported yet)"), "{w}");
+        assert!(!w.contains("`watch`"), "watch is supported: {w}");
+        assert_eq!(e.apps[0].watch, crate::protocol::schedule::Watch::Cwd);
         assert!(w.contains("no app has `env_staging`"), "{w}");
     }
 

@@ -149,12 +149,15 @@ pub struct StartArgs {
     /// Grace between the stop signal and SIGKILL (default 1600ms).
     #[arg(long, value_parser = crate::protocol::duration::parse)]
     pub kill_timeout: Option<Duration>,
-    /// Restart on a cron schedule.
+    /// Restart on a cron schedule ('0 3 * * *'; 6 fields: seconds first).
     #[arg(long, value_name = "EXPR")]
     pub cron_restart: Option<String>,
-    /// Restart when files change.
+    /// Restart when files in the working directory change (dot-files and node_modules aside).
     #[arg(long)]
     pub watch: bool,
+    /// With --watch: a glob of paths whose changes do not count (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub ignore_watch: Vec<String>,
     /// Apply these options to the app when it already runs (restarting it), as pm2 `-f`.
     #[arg(long, short = 'f')]
     pub force: bool,

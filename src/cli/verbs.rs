@@ -58,16 +58,14 @@ fn is_ecosystem(p: &Path) -> bool {
 
 /// `flotilla start`
 pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
-    for (flag, given) in [
-        ("--listen", !a.listen.is_empty()),
-        ("--cron-restart", a.cron_restart.is_some()),
-        ("--watch", a.watch),
-    ] {
-        if given {
-            bail!(
-                "{flag} is not supported yet: start the app without it (it comes in a later version)"
-            );
-        }
+    if !a.listen.is_empty() {
+        bail!(
+            "--listen is not supported yet: start the app without it (shared sockets come in the next version)"
+        );
+    }
+    if let Some(c) = &a.cron_restart {
+        crate::protocol::schedule::CronRestart::parse(c)
+            .map_err(|e| anyhow::anyhow!("--cron-restart: {}", e.message))?;
     }
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let path = cwd.join(&a.script);
@@ -167,6 +165,11 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
         if let Some(d) = a.kill_timeout {
             spec.kill_timeout = d;
         }
+        spec.cron_restart = a.cron_restart.clone();
+        if a.watch {
+            spec.watch = crate::protocol::schedule::Watch::Cwd;
+        }
+        spec.ignore_watch = a.ignore_watch.clone();
         apply_vars(&mut spec, &vars)?;
         vec![(spec, a.force)]
     };

@@ -170,6 +170,9 @@ fn default_listen_timeout() -> Duration {
 fn default_kill_signal() -> String {
     "SIGINT".into()
 }
+fn default_watch_delay() -> Duration {
+    Duration::from_millis(1000)
+}
 fn default_instance_var() -> String {
     "NODE_APP_INSTANCE".into()
 }
@@ -250,6 +253,19 @@ pub struct AppSpec {
     /// pm_ids chosen by the controller, one per instance; the agent allocates when empty.
     #[serde(default)]
     pub pm_ids: Vec<u32>,
+    /// Restart on this cron schedule (pm2 `cron_restart`, alias `cron`; local time; `"0"` is
+    /// none).
+    #[serde(default, alias = "cron", skip_serializing_if = "Option::is_none")]
+    pub cron_restart: Option<String>,
+    /// Restart when files change (pm2 `watch`: `true` for the working directory, or paths).
+    #[serde(default, skip_serializing_if = "super::schedule::Watch::is_off")]
+    pub watch: super::schedule::Watch,
+    /// Globs of paths not watched, besides dot-files and `node_modules` (pm2 `ignore_watch`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore_watch: Vec<String>,
+    /// Quiet time after a change before the restart (pm2 `watch_delay`).
+    #[serde(default = "default_watch_delay", with = "duration::ms")]
+    pub watch_delay: Duration,
     /// Fleet-wide instance numbers (`NODE_APP_INSTANCE`), parallel to `pm_ids`; empty means
     /// 0, 1, ... in order (a host's share of a fleet app gets its numbers from the controller).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

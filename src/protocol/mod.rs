@@ -6,6 +6,7 @@ pub mod envelope;
 pub mod fleet;
 pub mod message;
 pub mod names;
+pub mod schedule;
 pub mod signals;
 pub mod state;
 pub mod subjects;
