@@ -578,3 +578,38 @@ async fn cron_restart_and_watch_restart_the_app() {
     assert!(why.contains("config.json"), "{why}");
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_share_the_api_and_both_show_in_info() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut s = flotilla::config::Settings::default();
+    s.nats.url = Some(fleet.nats.url());
+    let second = tokio::spawn(flotilla::controller::run_ready(
+        s,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(ready_tx),
+    ));
+    ready_rx.await.unwrap();
+    // Each request is carried out once: with both answering, the second would refuse the
+    // first's start ("already runs") half of the time.
+    let script = fixture("chatty.js");
+    for i in 0..4 {
+        let name = format!("app{i}");
+        let (ok, _, err) = fleet
+            .cli(&["start", script.to_str().unwrap(), "--name", &name])
+            .await;
+        assert!(ok, "{name}: {err}");
+    }
+    assert_eq!(by_status(&fleet.ls().await, "online").len(), 4);
+    let (ok, out, err) = fleet.cli(&["info", "--json"]).await;
+    assert!(ok, "{err}");
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["controllers"].as_array().unwrap().len(), 2, "{info}");
+    let _ = stop_tx.send(());
+    second.await.unwrap().unwrap();
+    fleet.stop().await;
+}

@@ -718,7 +718,7 @@ pub async fn info(settings: &Settings, a: &ReadArgs) -> anyhow::Result<()> {
             Ok(nats) => {
                 out.nats_reachable = true;
                 let subjects = crate::protocol::Subjects::new(&s.subject_prefix)?;
-                let replies = gather(&nats, &subjects.api("info")).await?;
+                let replies = gather(&nats, &subjects.controllers("info")).await?;
                 for r in replies {
                     if let Some(c) = r.controller {
                         out.controllers.push(c);

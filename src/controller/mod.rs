@@ -27,6 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The queue group controllers share the API in.
+pub const QUEUE_GROUP: &str = "flotilla-controllers";
+
 /// Replies remembered for repeated request ids.
 const REMEMBERED: usize = 4096;
 
@@ -102,7 +105,13 @@ pub async fn run_ready(
     let mut host_events = client
         .subscribe(format!("{}._fleet.*.host:event", subjects.prefix()))
         .await?;
-    let mut api = client.subscribe(subjects.api("*")).await?;
+    // Several controllers share the API as a queue group: each request reaches one of them
+    // (their writes stay consistent through compare-and-set). `info` goes to all.
+    let api = client
+        .queue_subscribe(subjects.api("*"), QUEUE_GROUP.to_string())
+        .await?;
+    let all = client.subscribe(subjects.controllers("*")).await?;
+    let mut api = futures::stream::select(api, all);
     let _ = client.flush().await;
     if let Some(r) = ready {
         let _ = r.send(());

@@ -218,9 +218,13 @@ impl Subjects {
     pub fn agent_wildcard(&self, host: &HostId) -> String {
         format!("{}.agent.{}.*", self.ctl, host.0)
     }
-    /// `pmctl.api.<verb>`
+    /// `pmctl.api.<verb>`: one controller of the queue group answers.
     pub fn api(&self, verb: &str) -> String {
         format!("{}.api.{verb}", self.ctl)
+    }
+    /// `pmctl.controllers.<verb>`: every controller answers (`info`).
+    pub fn controllers(&self, verb: &str) -> String {
+        format!("{}.controllers.{verb}", self.ctl)
     }
 
     /// Takes a subject apart; `None` for anything that is not exactly one of ours.
@@ -256,7 +260,7 @@ impl Subjects {
                     names::validate(NameKind::App, verb).ok()?;
                     Parsed::AgentCtl { host, verb }
                 }
-                "api" => {
+                "api" | "controllers" => {
                     let verb = t.next()?;
                     names::validate(NameKind::App, verb).ok()?;
                     Parsed::Api { verb }
@@ -345,6 +349,10 @@ mod tests {
         assert_eq!(
             s.parse(&s.api("start")),
             Some(Parsed::Api { verb: "start" })
+        );
+        assert_eq!(
+            s.parse(&s.controllers("info")),
+            Some(Parsed::Api { verb: "info" })
         );
         assert_eq!(s.parse("pm.a.b.c.d"), None);
         assert_eq!(s.parse("pm.a.b"), None);
