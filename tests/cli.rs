@@ -498,9 +498,15 @@ async fn logs_follow_monit_and_an_agent_that_does_not_answer() {
     h2.stop().await.unwrap();
     let (ok, out, err) = fleet.cli(&["ls"]).await;
     assert!(!ok);
-    assert!(err.contains("h2"), "{err}");
+    assert!(err.contains("h2") && err.contains("as last seen"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(out.contains("h1"), "{out}");
+    // Its process is still listed, as last seen (no live figures).
+    let (_, out, _) = fleet.cli(&["ls", "--json"]).await;
+    let procs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let on_h2: Vec<&Value> = procs.iter().filter(|p| p["host"] == "h2").collect();
+    assert_eq!(on_h2.len(), 1, "{procs:?}");
+    assert_eq!(on_h2[0]["memory"], 0);
     let (ok, _, err) = fleet.cli(&["stop", "demo"]).await;
     assert!(!ok);
     assert!(err.contains("h2") && err.contains("converges"), "{err}");

@@ -1067,9 +1067,20 @@ async fn ls(ctx: &Ctx, r: TargetRequest) -> Reply {
                         x.error.as_ref().map_or("", |e| &e.message)
                     ));
                 }
+                if r.target == Target::All && x.error.is_none() {
+                    ctx.saw_list(&host, &x.processes);
+                }
                 reply.processes.append(&mut x.processes);
             }
-            Err(_) => silent.push(host),
+            Err(_) => {
+                // What it ran when last heard from, without live figures.
+                reply.processes.extend(
+                    ctx.last_seen(&host)
+                        .into_iter()
+                        .filter(|p| r.target.matches(&p.meta)),
+                );
+                silent.push(host);
+            }
         }
     }
     reply.processes.sort_by_key(|p| p.meta.pm_id);
@@ -1077,7 +1088,7 @@ async fn ls(ctx: &Ctx, r: TargetRequest) -> Reply {
         reply.error = Some(ControlError::new(
             ErrorKind::Unreachable,
             format!(
-                "no answer within {} s from {}: their processes are missing from this list",
+                "no answer within {} s from {}: their processes are shown as last seen",
                 READ_TIMEOUT.as_secs(),
                 silent.join(", ")
             ),

@@ -72,6 +72,9 @@ pub(crate) struct Ctx {
     fleet: Fleet,
     /// Told whenever a host joins the fleet view.
     joined: tokio::sync::Notify,
+    /// Every process as last seen: from `ls` answers and lifecycle events (what `ls` shows for
+    /// a host that does not answer).
+    procs: Mutex<BTreeMap<(String, u32), crate::protocol::control::ProcessInfo>>,
     /// One lock per app: the verbs that change an app run one at a time for it (their plans
     /// read the desired state, then write it).
     app_locks: Mutex<BTreeMap<crate::protocol::AppKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -105,6 +108,9 @@ pub async fn run_ready(
     let mut host_events = client
         .subscribe(format!("{}._fleet.*.host:event", subjects.prefix()))
         .await?;
+    let mut lifecycle = client
+        .subscribe(format!("{}.*.*.process:event", subjects.prefix()))
+        .await?;
     // Several controllers share the API as a queue group: each request reaches one of them
     // (their writes stay consistent through compare-and-set). `info` goes to all.
     let api = client
@@ -123,9 +129,22 @@ pub async fn run_ready(
         fleet: fleet.clone(),
         joined: tokio::sync::Notify::new(),
         app_locks: Mutex::default(),
+        procs: Mutex::default(),
         lost_after: settings.host_lost_after,
     });
     let dedupe = Arc::new(Dedupe::new(REMEMBERED));
+    // The process view, rebuilt from the agents' lists (an `ls` records what it hears).
+    {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _ = api::dispatch(
+                &ctx,
+                "ls",
+                br#"{"request_id":"00000000-0000-0000-0000-000000000000"}"#,
+            )
+            .await;
+        });
+    }
     let tasks = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
@@ -142,6 +161,11 @@ pub async fn run_ready(
                         }
                     }
                     Err(e) => tracing::debug!(subject = %m.subject, "not a heartbeat: {e}"),
+                }
+            }
+            Some(m) = lifecycle.next() => {
+                if let Ok(env) = serde_json::from_slice::<crate::protocol::Envelope>(&m.payload) {
+                    ctx.saw_event(env);
                 }
             }
             Some(m) = host_events.next() => {
@@ -196,6 +220,50 @@ pub async fn run_ready(
 }
 
 impl Ctx {
+    /// Records what a lifecycle event says of a process.
+    fn saw_event(&self, env: crate::protocol::Envelope) {
+        let key = (env.process.host.clone(), env.process.pm_id);
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        if env.event.as_ref().is_some_and(|e| e.event == "delete") {
+            procs.remove(&key);
+            return;
+        }
+        match procs.get_mut(&key) {
+            Some(p) => p.meta = env.process,
+            None => {
+                procs.insert(
+                    key,
+                    crate::protocol::control::ProcessInfo::from_meta(env.process),
+                );
+            }
+        }
+    }
+
+    /// Records the processes a host reported (all of them: the others are gone).
+    pub(crate) fn saw_list(&self, host: &str, list: &[crate::protocol::control::ProcessInfo]) {
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        procs.retain(|(h, _), _| h != host);
+        for p in list {
+            procs.insert((host.to_string(), p.meta.pm_id), p.clone());
+        }
+    }
+
+    /// The processes of `host` as last seen.
+    pub(crate) fn last_seen(&self, host: &str) -> Vec<crate::protocol::control::ProcessInfo> {
+        self.procs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((h, _), _)| h == host)
+            .map(|(_, p)| {
+                let mut p = p.clone();
+                p.cpu = 0.0;
+                p.memory = 0;
+                p
+            })
+            .collect()
+    }
+
     /// Holds the locks of `apps` (taken in order, so two requests never wait on each other).
     async fn lock_apps<'a>(
         &self,

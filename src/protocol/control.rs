@@ -645,6 +645,26 @@ pub struct ProcessInfo {
     pub err_log: PathBuf,
 }
 
+impl ProcessInfo {
+    /// A process known only by its metadata (no figures, paths unknown).
+    pub fn from_meta(meta: ProcessMeta) -> Self {
+        Self {
+            meta,
+            cpu: 0.0,
+            memory: 0,
+            dropped: 0,
+            ipc_errors: 0,
+            unstable_restarts: 0,
+            exit_code: None,
+            script: PathBuf::new(),
+            cwd: PathBuf::new(),
+            interpreter: String::new(),
+            out_log: PathBuf::new(),
+            err_log: PathBuf::new(),
+        }
+    }
+}
+
 /// The agent's own figures, in `list` replies and heartbeats.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentStats {
