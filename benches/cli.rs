@@ -1,0 +1,1276 @@
+//! CLI benchmark: `cargo bench --bench cli`.
+//!
+//! Measures, in one run on this machine, side by side, with the same tiny Node app for every
+//! tool (it stays alive and exits on SIGINT):
+//! 1. warm `flotilla start app.js -i 4` (the local stack already running) until the command
+//!    returns, which is when all four are online, against the floor: a plain Node `cluster`
+//!    primary forking the same 4 workers, from its spawn until it prints that all 4 are online;
+//! 2. cold `flotilla start app.js -i 4` in a fresh `FLOTILLA_HOME` (the daemon and its
+//!    nats-server are spawned too), against pm2 cold in a fresh `PM2_HOME`: until `pm2 jlist`
+//!    shows 4 online (polled as soon as `pm2 start` returns), and `pm2 start`'s own return;
+//! 3. `flotilla ls` (and `ls --json`) with 4 workers running: wall time, the CLI process's CPU
+//!    time and max RSS (from `wait4`'s rusage), and the CPU the stack spends answering, against
+//!    `pm2 ls` and `pm2 jlist`;
+//! 4. RSS of the flotilla daemon plus its nats-server against pm2's daemon, 4 workers each.
+//!
+//! The start cases run [`ROUNDS`] times, interleaved round by round (the order reversed every
+//! other round) so that drift on a shared machine hits every case alike; the table shows
+//! medians, and ratios are taken between medians. `pm2` is optional: without it the flotilla
+//! figures are printed with "pm2 not installed" in place of the reference.
+//!
+//! Every home (FLOTILLA_HOME, PM2_HOME) is a temporary folder; FLOTILLA_* and PM2_* variables
+//! other than those are removed from the children's environment. Every command runs under a
+//! deadline, and everything the bench started is stopped at the end (`flotilla kill`,
+//! `pm2 kill`), on error and on Ctrl-C too. BENCHMARKS.md records a run and what it means.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Rounds of each start case (BENCH_ROUNDS overrides it).
+const ROUNDS: usize = 5;
+/// Calls of each listing command (BENCH_LS_CALLS overrides it).
+const LS_CALLS: usize = 20;
+/// Workers started by every tool.
+const WORKERS: usize = 4;
+/// Longest one command may take before it is killed.
+const COMMAND_WITHIN: Duration = Duration::from_secs(60);
+/// Longest pm2 may take to show its workers online after `pm2 start`.
+const ONLINE_WITHIN: Duration = Duration::from_secs(60);
+/// Longest the whole bench may take (checked between steps).
+const TOTAL_WITHIN: Duration = Duration::from_secs(600);
+/// Pause after a delete or kill, so that exiting workers do not overlap the next measurement.
+const SETTLE: Duration = Duration::from_millis(300);
+/// Pause before the steady-state readings (ls, memory), after the workers started.
+const STEADY_AFTER: Duration = Duration::from_secs(2);
+
+/// The app every tool runs: alive until SIGINT. Its first line creates an empty file named by
+/// its pid in `BENCH_MARK_DIR` (every tool passes its environment on to the workers), so that
+/// the bench sees, by the same means for every tool, when the four workers have actually booted
+/// (a tool's "online" may come before or after that).
+const APP_JS: &str = r#"'use strict';
+if (process.env.BENCH_MARK_DIR) require('fs').writeFileSync(process.env.BENCH_MARK_DIR + '/' + process.pid, '');
+const keep = setInterval(() => {}, 1 << 30);
+process.on('SIGINT', () => { clearInterval(keep); process.exit(0); });
+"#;
+
+/// The floor: a Node cluster primary forking the app `BENCH_W` times; prints ALL_ONLINE once
+/// every worker's 'online' has come, and on SIGTERM stops them with SIGINT and exits.
+const PRIMARY_JS: &str = r#"'use strict';
+const cluster = require('cluster');
+const W = Number(process.env.BENCH_W);
+cluster.setupPrimary({ exec: process.env.BENCH_APP });
+let online = 0;
+cluster.on('online', () => { if (++online === W) process.stdout.write('ALL_ONLINE\n'); });
+cluster.on('exit', () => { if (Object.keys(cluster.workers).length === 0) process.exit(0); });
+process.on('SIGTERM', () => {
+  for (const w of Object.values(cluster.workers)) w.process.kill('SIGINT');
+  setTimeout(() => process.exit(0), 5000).unref();
+});
+for (let i = 0; i < W; i++) cluster.fork();
+"#;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+type Res<T> = Result<T, String>;
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("cli: a benchmark; run it with `cargo bench --bench cli`");
+        return;
+    }
+    for s in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe {
+            nix::sys::signal::signal(s, nix::sys::signal::SigHandler::Handler(on_signal))
+        };
+    }
+    let started = Instant::now();
+    let root = match tempfile::Builder::new()
+        .prefix("flotilla-cli-bench")
+        .tempdir()
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cli bench: cannot create a temporary folder: {e}");
+            std::process::exit(1);
+        }
+    };
+    // The bench drops at the end of this statement: every stack and pm2 daemon it started is
+    // stopped, whatever the outcome.
+    let outcome = Bench::new(root.path()).measure();
+    match outcome {
+        Ok(()) => eprintln!(
+            "cli bench finished in {:.0} s",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => {
+            eprintln!("cli bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running commands.
+
+/// One finished command.
+struct Ran {
+    wall: Duration,
+    /// User + system CPU of the process and the descendants it waited for.
+    cpu: Duration,
+    /// Its max RSS (KiB).
+    maxrss_kib: u64,
+    out: String,
+}
+
+/// Which home a command gets.
+#[derive(Clone, Copy)]
+enum Home<'a> {
+    Flotilla(&'a Path),
+    Pm2(&'a Path),
+}
+
+static SCRATCH: AtomicU64 = AtomicU64::new(0);
+
+/// Kills `pid` unless `done` says within `within` that it was reaped.
+fn watchdog(pid: i32, within: Duration) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(within) {
+            // SAFETY: plain kill(2); the child is not reaped until the waiter returns.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    tx
+}
+
+fn cpu_of(ru: &libc::rusage) -> Duration {
+    let tv =
+        |t: libc::timeval| Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Waits for `pid` with `wait4`, returning its status and rusage.
+fn wait4(pid: i32) -> Res<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            return Ok((status, ru));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("wait4({pid}): {e}"));
+        }
+    }
+}
+
+fn exit_text(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exit code {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("status {status}")
+    }
+}
+
+struct Bench {
+    root: PathBuf,
+    flotilla: PathBuf,
+    app_dir: PathBuf,
+    pm2: bool,
+    started: Instant,
+    /// Every FLOTILLA_HOME used (stopped at the end).
+    flotilla_homes: Vec<PathBuf>,
+    /// Every PM2_HOME used (its daemon killed at the end).
+    pm2_homes: Vec<PathBuf>,
+    /// Stopping what was started: no deadline or interruption applies.
+    cleaning: bool,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.cleaning = true;
+        for h in self.flotilla_homes.clone() {
+            if h.join("daemon.lock").exists()
+                && let Err(e) = self.run(&self.flotilla.clone(), &["kill"], Home::Flotilla(&h))
+            {
+                eprintln!("cleanup: flotilla kill in {}: {e}", h.display());
+            }
+        }
+        for h in self.pm2_homes.clone() {
+            if let Some(pid) = pm2_daemon_pid(&h).filter(|p| alive(*p)) {
+                self.stop_pm2(&h, pid);
+            }
+        }
+    }
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].trim_start().chars().next())
+        })
+        .is_some_and(|state| state != 'Z')
+}
+
+fn pm2_daemon_pid(home: &Path) -> Option<u32> {
+    std::fs::read_to_string(home.join("pm2.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl Bench {
+    fn new(root: &Path) -> Bench {
+        Bench {
+            root: root.to_path_buf(),
+            flotilla: PathBuf::from(env!("CARGO_BIN_EXE_flotilla")),
+            app_dir: root.join("app"),
+            pm2: false,
+            started: Instant::now(),
+            flotilla_homes: vec![],
+            pm2_homes: vec![],
+            cleaning: false,
+        }
+    }
+
+    fn check(&self) -> Res<()> {
+        if self.cleaning {
+            return Ok(());
+        }
+        if STOP.load(Ordering::SeqCst) {
+            return Err("interrupted".into());
+        }
+        if self.started.elapsed() > TOTAL_WITHIN {
+            return Err(format!("not finished within {TOTAL_WITHIN:?}"));
+        }
+        Ok(())
+    }
+
+    /// A command in the app's folder, with only `home` of the FLOTILLA_* / PM2_* variables.
+    fn command(&self, program: &Path, args: &[&str], home: Home) -> Command {
+        let mut c = Command::new(program);
+        c.args(args).current_dir(&self.app_dir);
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().to_string();
+            if k.starts_with("FLOTILLA_") || k.starts_with("PM2_") {
+                c.env_remove(k);
+            }
+        }
+        c.env("BENCH_MARK_DIR", self.marks());
+        match home {
+            Home::Flotilla(h) => c.env("FLOTILLA_HOME", h),
+            Home::Pm2(h) => c.env("PM2_HOME", h),
+        };
+        c
+    }
+
+    /// Runs a command to its end: wall time from just before spawn to its reaping, its CPU and
+    /// max RSS, its stdout. A non-zero exit is an error (with its stderr).
+    fn run(&self, program: &Path, args: &[&str], home: Home) -> Res<Ran> {
+        self.check()?;
+        let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+        let out_path = self.root.join(format!("out-{n}"));
+        let err_path = self.root.join(format!("err-{n}"));
+        let file = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
+        let mut c = self.command(program, args, home);
+        c.stdin(Stdio::null())
+            .stdout(file(&out_path)?)
+            .stderr(file(&err_path)?);
+        let what = format!("{} {}", program.display(), args.join(" "));
+        let t0 = Instant::now();
+        let child = c.spawn().map_err(|e| format!("{what}: {e}"))?;
+        let pid = child.id() as i32;
+        let dog = watchdog(pid, COMMAND_WITHIN);
+        let (status, ru) = wait4(pid)?;
+        let wall = t0.elapsed();
+        let _ = dog.send(());
+        let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&out_path);
+        let _ = std::fs::remove_file(&err_path);
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            return Err(format!(
+                "`{what}` failed after {:.0} ms ({}): {}{}",
+                wall.as_secs_f64() * 1e3,
+                exit_text(status),
+                err.trim(),
+                if err.trim().is_empty() {
+                    out.trim()
+                } else {
+                    ""
+                }
+            ));
+        }
+        Ok(Ran {
+            wall,
+            cpu: cpu_of(&ru),
+            maxrss_kib: ru.ru_maxrss as u64,
+            out,
+        })
+    }
+
+    /// Where the workers leave their boot marks.
+    fn marks(&self) -> PathBuf {
+        self.root.join("marks")
+    }
+
+    /// Empties the marks folder and watches it for the next [`WORKERS`] marks.
+    fn watch_marks(&self) -> Res<Marks> {
+        let dir = self.marks();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Marks::watch(&dir, WORKERS, COMMAND_WITHIN)
+    }
+
+    /// `pm2 kill` in `home`, then waits for its daemon `pid` to be gone (SIGKILL after 5 s).
+    fn stop_pm2(&self, home: &Path, pid: u32) {
+        if let Err(e) = self.pm2(&["kill"], home) {
+            eprintln!("cleanup: pm2 kill in {}: {e}", home.display());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(pid) {
+            // SAFETY: plain kill(2) of the daemon this bench started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    fn fl(&self, args: &[&str], home: &Path) -> Res<Ran> {
+        self.run(&self.flotilla, args, Home::Flotilla(home))
+    }
+
+    fn pm2(&self, args: &[&str], home: &Path) -> Res<Ran> {
+        self.run(Path::new("pm2"), args, Home::Pm2(home))
+    }
+
+    fn new_flotilla_home(&mut self, name: &str) -> PathBuf {
+        let h = self.root.join(name);
+        self.flotilla_homes.push(h.clone());
+        h
+    }
+
+    fn new_pm2_home(&mut self, name: &str) -> PathBuf {
+        let h = self.root.join(name);
+        self.pm2_homes.push(h.clone());
+        h
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The cases.
+
+    /// Node cluster primary: from spawn to ALL_ONLINE, and to the 4th boot mark.
+    fn floor(&self) -> Res<(Duration, Duration)> {
+        self.check()?;
+        let marks = self.watch_marks()?;
+        let mut c = Command::new("node");
+        c.arg(self.app_dir.join("primary.js"))
+            .current_dir(&self.app_dir)
+            .env("BENCH_MARK_DIR", self.marks())
+            .env("BENCH_APP", self.app_dir.join("app.js"))
+            .env("BENCH_W", WORKERS.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let t0 = Instant::now();
+        let mut child = c.spawn().map_err(|e| format!("node: {e}"))?;
+        let pid = child.id() as i32;
+        let dog = watchdog(pid, COMMAND_WITHIN);
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let mut took = None;
+        for l in lines.by_ref() {
+            if l.map_err(|e| e.to_string())?.trim() == "ALL_ONLINE" {
+                took = Some(t0.elapsed());
+                break;
+            }
+        }
+        let booted = marks.wait().map(|at| at.saturating_duration_since(t0));
+        // SAFETY: plain kill(2) of our own unreaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let (status, _) = wait4(pid)?;
+        let _ = dog.send(());
+        let took =
+            took.ok_or_else(|| format!("the Node cluster primary ended ({})", exit_text(status)))?;
+        Ok((
+            took,
+            booted.ok_or("the Node cluster workers left no boot marks")?,
+        ))
+    }
+
+    /// `flotilla start app.js -i 4` in `home`: the command, when it started (for the log's
+    /// stamps), and the time to the 4th boot mark; checks that 4 are online afterwards.
+    fn flotilla_start(&self, home: &Path) -> Res<(Ran, SystemTime, Duration)> {
+        let marks = self.watch_marks()?;
+        let at = SystemTime::now();
+        let t0 = Instant::now();
+        let r = self.fl(&["start", "app.js", "-i", &WORKERS.to_string()], home)?;
+        let booted = marks
+            .wait()
+            .ok_or("the flotilla workers left no boot marks")?
+            .saturating_duration_since(t0);
+        let ls = self.fl(&["ls", "--json"], home)?;
+        let online = count_online(&ls.out, |p| p.get("status"));
+        if online != WORKERS {
+            return Err(format!(
+                "after `flotilla start` {online} of {WORKERS} are online: {}",
+                ls.out
+            ));
+        }
+        Ok((r, at, booted))
+    }
+
+    /// pm2 cold: `pm2 start` (its return time), then `pm2 jlist` until 4 are online; the
+    /// polls that took, and the time to the 4th boot mark.
+    fn pm2_cold(&self, home: &Path) -> Res<Pm2Cold> {
+        let marks = self.watch_marks()?;
+        let t0 = Instant::now();
+        let r = self.pm2(&["start", "app.js", "-i", &WORKERS.to_string()], home)?;
+        let mut polls = 0;
+        loop {
+            let j = self.pm2(&["jlist"], home)?;
+            polls += 1;
+            let online = count_online(&j.out, |p| p.get("pm2_env").and_then(|e| e.get("status")));
+            if online >= WORKERS {
+                let online = t0.elapsed();
+                let booted = marks
+                    .wait()
+                    .ok_or("the pm2 workers left no boot marks")?
+                    .saturating_duration_since(t0);
+                return Ok(Pm2Cold {
+                    ret: r.wall,
+                    online,
+                    polls,
+                    booted,
+                });
+            }
+            if t0.elapsed() > ONLINE_WITHIN {
+                return Err(format!(
+                    "pm2: {online} of {WORKERS} online {ONLINE_WITHIN:?} after `pm2 start`"
+                ));
+            }
+        }
+    }
+
+    fn measure(&mut self) -> Res<()> {
+        std::fs::create_dir_all(&self.app_dir).map_err(|e| e.to_string())?;
+        for (name, text) in [("app.js", APP_JS), ("primary.js", PRIMARY_JS)] {
+            std::fs::write(self.app_dir.join(name), text).map_err(|e| e.to_string())?;
+        }
+        let rounds = env_usize("BENCH_ROUNDS", ROUNDS).max(1);
+        let ls_calls = env_usize("BENCH_LS_CALLS", LS_CALLS).max(1);
+
+        let probe = self.new_pm2_home("pm2-probe");
+        let pm2_version = self
+            .pm2(&["--version"], &probe)
+            .ok()
+            .map(|r| r.out.trim().lines().last().unwrap_or("?").to_string());
+        self.pm2 = pm2_version.is_some();
+        println!("{}", machine(pm2_version.as_deref()));
+        println!(
+            "app: {} (setInterval, exits on SIGINT); {WORKERS} workers per tool; {rounds} interleaved rounds; {ls_calls} calls per listing command",
+            self.app_dir.join("app.js").display()
+        );
+        println!();
+
+        // The warm stack, started once (not measured), with one discarded start/delete.
+        let warm = self.new_flotilla_home("flotilla-warm");
+        self.fl(&["ls"], &warm)?;
+        self.flotilla_start(&warm)?;
+        self.fl(&["delete", "all"], &warm)?;
+        std::thread::sleep(SETTLE);
+        self.floor()?;
+
+        let mut s = Samples::default();
+        for round in 0..rounds {
+            let mut steps: Vec<u8> = vec![0, 1, 2, 3];
+            if round % 2 == 1 {
+                steps.reverse();
+            }
+            eprintln!("round {}/{rounds}", round + 1);
+            for step in steps {
+                match step {
+                    0 => {
+                        let (online, booted) = self.floor()?;
+                        s.floor.push(online);
+                        s.floor_booted.push(booted);
+                        std::thread::sleep(SETTLE);
+                    }
+                    1 => {
+                        let (r, at, booted) = self.flotilla_start(&warm)?;
+                        s.warm.push(r.wall);
+                        s.warm_booted.push(booted);
+                        s.warm_cpu.push(r.cpu);
+                        s.warm_phases.push(phases(&warm, at, r.wall, false));
+                        let d = self.fl(&["delete", "all"], &warm)?;
+                        s.delete.push(d.wall);
+                        std::thread::sleep(SETTLE);
+                    }
+                    2 => {
+                        let home = self.new_flotilla_home(&format!("flotilla-cold-{round}"));
+                        let (r, at, booted) = self.flotilla_start(&home)?;
+                        s.cold.push(r.wall);
+                        s.cold_booted.push(booted);
+                        s.cold_phases.push(phases(&home, at, r.wall, true));
+                        let k = self.fl(&["kill"], &home)?;
+                        s.kill.push(k.wall);
+                        std::thread::sleep(SETTLE);
+                    }
+                    _ if self.pm2 => {
+                        let home = self.new_pm2_home(&format!("pm2-cold-{round}"));
+                        let c = self.pm2_cold(&home)?;
+                        s.pm2_return.push(c.ret);
+                        s.pm2_online.push(c.online);
+                        s.pm2_polls.push(c.polls);
+                        s.pm2_booted.push(c.booted);
+                        let k = self.pm2(&["kill"], &home)?;
+                        s.pm2_kill.push(k.wall);
+                        std::thread::sleep(SETTLE);
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        // Steady state: 4 workers under the warm stack, and under a pm2 daemon.
+        eprintln!("steady state: ls and memory");
+        self.flotilla_start(&warm)?;
+        let steady_pm2 = self.new_pm2_home("pm2-steady");
+        if self.pm2 {
+            self.pm2_cold(&steady_pm2)?;
+        }
+        std::thread::sleep(STEADY_AFTER);
+        let stack = stack_pids(&warm)?;
+        let pm2_pid = if self.pm2 {
+            Some(pm2_daemon_pid(&steady_pm2).ok_or("pm2.pid is missing")?)
+        } else {
+            None
+        };
+        let mem_before = self.memory(stack, pm2_pid)?;
+
+        // Warm-up calls, then the interleaved listing calls.
+        let cmds: Vec<(&str, bool, &[&str])> = [
+            ("flotilla ls", true, &["ls"][..]),
+            ("flotilla ls --json", true, &["ls", "--json"][..]),
+            ("pm2 ls", false, &["ls"][..]),
+            ("pm2 jlist", false, &["jlist"][..]),
+        ]
+        .into_iter()
+        .filter(|(_, f, _)| *f || self.pm2)
+        .collect();
+        let mut calls: Vec<Calls> = cmds.iter().map(|_| Calls::default()).collect();
+        for (_, f, args) in &cmds {
+            if *f {
+                self.fl(args, &warm)?;
+            } else {
+                self.pm2(args, &steady_pm2)?;
+            }
+        }
+        for i in 0..ls_calls {
+            for k in 0..cmds.len() {
+                let k = (k + i) % cmds.len();
+                let (_, f, args) = cmds[k];
+                let server: Vec<u32> = if f {
+                    vec![stack.0, stack.1]
+                } else {
+                    pm2_pid.into_iter().collect()
+                };
+                let before: f64 = server.iter().map(|p| proc_cpu_s(*p)).sum();
+                let r = if f {
+                    self.fl(args, &warm)?
+                } else {
+                    self.pm2(args, &steady_pm2)?
+                };
+                let after: f64 = server.iter().map(|p| proc_cpu_s(*p)).sum();
+                let c = &mut calls[k];
+                c.wall.push(r.wall);
+                c.cpu.push(r.cpu);
+                c.rss.push(r.maxrss_kib);
+                c.server_cpu_s += after - before;
+                if i == 0 && f && args == ["ls"] && r.out.matches("online").count() != WORKERS {
+                    return Err(format!(
+                        "`flotilla ls` does not show {WORKERS} online:\n{}",
+                        r.out
+                    ));
+                }
+            }
+        }
+        let mem_after = self.memory(stack, pm2_pid)?;
+
+        s.print(&calls, &cmds, mem_before, mem_after, self.pm2);
+        Ok(())
+    }
+
+    /// Median over 5 readings, 200 ms apart: (daemon, nats-server, pm2 daemon) VmRSS in KiB.
+    fn memory(&self, stack: (u32, u32), pm2: Option<u32>) -> Res<Mem> {
+        let mut d = vec![];
+        let mut n = vec![];
+        let mut p = vec![];
+        for i in 0..5 {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            self.check()?;
+            d.push(vm_rss(stack.0).ok_or("the daemon is gone")?);
+            n.push(vm_rss(stack.1).ok_or("nats-server is gone")?);
+            if let Some(pid) = pm2 {
+                p.push(vm_rss(pid).ok_or("pm2's daemon is gone")?);
+            }
+        }
+        Ok(Mem {
+            daemon: median_u64(&d),
+            nats: median_u64(&n),
+            pm2: pm2.map(|_| median_u64(&p)),
+        })
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Entries of a JSON array (after any text before the `[`) whose status is "online".
+fn count_online(out: &str, status: impl Fn(&Value) -> Option<&Value>) -> usize {
+    let Some(start) = out.find('[') else {
+        return 0;
+    };
+    let Ok(Value::Array(v)) = serde_json::from_str::<Value>(&out[start..]) else {
+        return 0;
+    };
+    v.iter()
+        .filter(|p| status(p).and_then(Value::as_str) == Some("online"))
+        .count()
+}
+
+/// (daemon pid, nats-server pid) from `<home>/stack.json`.
+fn stack_pids(home: &Path) -> Res<(u32, u32)> {
+    let text = std::fs::read_to_string(home.join("stack.json")).map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let get = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_u64)
+            .map(|p| p as u32)
+            .ok_or(format!("stack.json has no {k}"))
+    };
+    Ok((get("pid")?, get("nats_pid")?))
+}
+
+fn vm_rss(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// User + system CPU seconds of a process so far.
+fn proc_cpu_s(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split(' ').collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (n(11) + n(12)) / tck
+}
+
+/// Watches a folder (inotify) for `n` new files in a thread; [`Marks::wait`] says when the
+/// `n`th came.
+struct Marks {
+    done: mpsc::Receiver<Option<Instant>>,
+}
+
+impl Marks {
+    fn watch(dir: &Path, n: usize, within: Duration) -> Res<Marks> {
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain inotify calls; the fd is owned by the thread below, which closes it.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        if fd < 0 {
+            return Err(format!("inotify: {}", std::io::Error::last_os_error()));
+        }
+        let mut c = dir.as_os_str().as_bytes().to_vec();
+        c.push(0);
+        // SAFETY: `c` is NUL-terminated.
+        let wd = unsafe {
+            libc::inotify_add_watch(fd, c.as_ptr().cast(), libc::IN_CREATE | libc::IN_MOVED_TO)
+        };
+        if wd < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: ours.
+            unsafe { libc::close(fd) };
+            return Err(format!("inotify on {}: {e}", dir.display()));
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + within;
+            let mut seen = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            let at = loop {
+                if Instant::now() > deadline {
+                    break None;
+                }
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 100) };
+                // SAFETY: reading into our buffer.
+                let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if got <= 0 {
+                    continue;
+                }
+                let now = Instant::now();
+                let (mut off, got) = (0usize, got as usize);
+                let head = std::mem::size_of::<libc::inotify_event>();
+                while off + head <= got {
+                    // SAFETY: the kernel wrote whole events; read_unaligned copes with alignment.
+                    let ev: libc::inotify_event =
+                        unsafe { std::ptr::read_unaligned(buf.as_ptr().add(off).cast()) };
+                    seen += 1;
+                    off += head + ev.len as usize;
+                }
+                if seen >= n {
+                    break Some(now);
+                }
+            };
+            // SAFETY: ours.
+            unsafe { libc::close(fd) };
+            let _ = tx.send(at);
+        });
+        Ok(Marks { done: rx })
+    }
+
+    /// When the `n`th file came (None: not within the deadline).
+    fn wait(self) -> Option<Instant> {
+        self.done.recv().ok().flatten()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phases of a start, from the daemon's log.
+
+/// Milliseconds from the CLI's spawn to: nats-server up, stack ready (cold only), the first and
+/// the last worker online; and the CLI's exit.
+#[derive(Clone, Copy, Default)]
+struct Phases {
+    nats_up: Option<f64>,
+    ready: Option<f64>,
+    first_online: Option<f64>,
+    last_online: Option<f64>,
+    exit: f64,
+}
+
+/// Epoch microseconds of a log line's RFC 3339 UTC stamp ("2026-12-01T21:51:56.511974Z").
+fn stamp_us(line: &str) -> Option<i64> {
+    let ts = line.split_whitespace().next()?;
+    let ts = ts.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>());
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let frac_us = format!("{frac:0<6}")[..6].parse::<i64>().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + frac_us)
+}
+
+fn phases(home: &Path, at: SystemTime, wall: Duration, cold: bool) -> Phases {
+    let t0 = at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    let end = t0 + wall.as_micros() as i64;
+    let log = std::fs::read_to_string(home.join("daemon.log")).unwrap_or_default();
+    let mut p = Phases {
+        exit: wall.as_secs_f64() * 1e3,
+        ..Phases::default()
+    };
+    let ms = |us: i64| (us - t0) as f64 / 1e3;
+    let mut online = 0;
+    for line in log.lines() {
+        let Some(us) = stamp_us(line) else { continue };
+        if us < t0 || us > end {
+            continue;
+        }
+        if cold && line.contains("nats-server is up") {
+            p.nats_up.get_or_insert(ms(us));
+        } else if cold && line.contains("the local stack is ready") {
+            p.ready.get_or_insert(ms(us));
+        } else if line.contains("worker online") {
+            online += 1;
+            p.first_online.get_or_insert(ms(us));
+            if online <= WORKERS {
+                p.last_online = Some(ms(us));
+            }
+        }
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results.
+
+struct Pm2Cold {
+    ret: Duration,
+    online: Duration,
+    polls: usize,
+    booted: Duration,
+}
+
+#[derive(Default)]
+struct Samples {
+    floor: Vec<Duration>,
+    floor_booted: Vec<Duration>,
+    warm_booted: Vec<Duration>,
+    cold_booted: Vec<Duration>,
+    pm2_booted: Vec<Duration>,
+    warm: Vec<Duration>,
+    warm_cpu: Vec<Duration>,
+    warm_phases: Vec<Phases>,
+    delete: Vec<Duration>,
+    cold: Vec<Duration>,
+    cold_phases: Vec<Phases>,
+    kill: Vec<Duration>,
+    pm2_return: Vec<Duration>,
+    pm2_online: Vec<Duration>,
+    pm2_polls: Vec<usize>,
+    pm2_kill: Vec<Duration>,
+}
+
+#[derive(Default)]
+struct Calls {
+    wall: Vec<Duration>,
+    cpu: Vec<Duration>,
+    rss: Vec<u64>,
+    server_cpu_s: f64,
+}
+
+#[derive(Clone, Copy)]
+struct Mem {
+    daemon: u64,
+    nats: u64,
+    pm2: Option<u64>,
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    }
+}
+
+fn median_u64(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn median_f(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    let m = d.as_secs_f64() * 1e3;
+    if m < 100.0 {
+        format!("{m:.1} ms")
+    } else {
+        format!("{m:.0} ms")
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn list(v: &[Duration]) -> String {
+    v.iter()
+        .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Ratio flotilla / reference and whether it meets `target` (a ratio at most this).
+fn judge(f: f64, r: Option<f64>, target: Option<f64>) -> (String, String) {
+    match r {
+        Some(r) if r > 0.0 => {
+            let x = f / r;
+            let met = target.map_or("-".into(), |t| {
+                if x <= t {
+                    "met".into()
+                } else {
+                    "MISSED".into()
+                }
+            });
+            (format!("{x:.2}x"), met)
+        }
+        Some(_) => ("-".into(), "-".into()),
+        None => (
+            "-".into(),
+            target.map_or("-".into(), |_| "- (no pm2)".into()),
+        ),
+    }
+}
+
+impl Samples {
+    fn print(
+        &self,
+        calls: &[Calls],
+        cmds: &[(&str, bool, &[&str])],
+        mem: Mem,
+        mem_after: Mem,
+        pm2: bool,
+    ) {
+        let none = "pm2 not installed".to_string();
+        let mut rows: Vec<[String; 6]> = vec![];
+        let mut row =
+            |figure: &str, f: String, r: String, (ratio, met): (String, String), target: &str| {
+                rows.push([figure.into(), f, r, ratio, target.into(), met]);
+            };
+        let secs = |d: Duration| d.as_secs_f64();
+
+        let (warm, floor) = (median(&self.warm), median(&self.floor));
+        row(
+            "warm `start app.js -i 4`, to 4 online (ref: Node cluster primary, 4 'online')",
+            ms(warm),
+            ms(floor),
+            judge(secs(warm), Some(secs(floor)), Some(1.2)),
+            "<= 1.2x",
+        );
+        let (warm_b, floor_b) = (median(&self.warm_booted), median(&self.floor_booted));
+        row(
+            "  same, both until the 4 workers have booted (their first line ran)",
+            ms(warm_b),
+            ms(floor_b),
+            judge(secs(warm_b), Some(secs(floor_b)), None),
+            "-",
+        );
+        let cold = median(&self.cold);
+        let (pm2_online, pm2_ret) = (median(&self.pm2_online), median(&self.pm2_return));
+        row(
+            "cold `start app.js -i 4`, stack spawned (ref: pm2 cold, until jlist shows 4 online)",
+            ms(cold),
+            if pm2 { ms(pm2_online) } else { none.clone() },
+            judge(secs(cold), pm2.then(|| secs(pm2_online)), Some(0.4)),
+            "<= 0.4x",
+        );
+        let (cold_b, pm2_b) = (median(&self.cold_booted), median(&self.pm2_booted));
+        row(
+            "  same, both until the 4 workers have booted (their first line ran)",
+            ms(cold_b),
+            if pm2 { ms(pm2_b) } else { none.clone() },
+            judge(secs(cold_b), pm2.then(|| secs(pm2_b)), None),
+            "-",
+        );
+        row(
+            "cold `start app.js -i 4` (ref: `pm2 start` returning)",
+            ms(cold),
+            if pm2 { ms(pm2_ret) } else { none.clone() },
+            judge(secs(cold), pm2.then(|| secs(pm2_ret)), None),
+            "-",
+        );
+        let find = |name: &str| {
+            cmds.iter()
+                .position(|(n, _, _)| *n == name)
+                .map(|i| &calls[i])
+        };
+        let fl_ls = find("flotilla ls");
+        let fl_json = find("flotilla ls --json");
+        let pm_ls = find("pm2 ls");
+        let pm_jl = find("pm2 jlist");
+        let wall = |c: Option<&Calls>| c.map(|c| median(&c.wall));
+        let cpu = |c: Option<&Calls>| c.map(|c| median(&c.cpu));
+        let rss = |c: Option<&Calls>| c.map(|c| median_u64(&c.rss));
+        let srv = |c: Option<&Calls>| c.map(|c| c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64);
+        let or_none = |v: Option<String>| v.unwrap_or_else(|| none.clone());
+        if let Some(l) = wall(fl_ls) {
+            let met = if l < Duration::from_millis(20) {
+                "met"
+            } else {
+                "MISSED"
+            };
+            let (ratio, _) = judge(secs(l), wall(pm_ls).map(secs), None);
+            row(
+                "`ls`, 4 workers, wall (ref: `pm2 ls`)",
+                ms(l),
+                or_none(wall(pm_ls).map(ms)),
+                (ratio, met.into()),
+                "< 20 ms",
+            );
+        }
+        if let Some(l) = wall(fl_json) {
+            row(
+                "`ls --json`, wall (ref: `pm2 jlist`)",
+                ms(l),
+                or_none(wall(pm_jl).map(ms)),
+                judge(secs(l), wall(pm_jl).map(secs), None),
+                "-",
+            );
+        }
+        if let Some(c) = cpu(fl_ls) {
+            row(
+                "`ls`, CPU of the CLI process, user+sys (ref: `pm2 ls`)",
+                ms(c),
+                or_none(cpu(pm_ls).map(ms)),
+                judge(secs(c), cpu(pm_ls).map(secs), None),
+                "-",
+            );
+        }
+        if let Some(m) = rss(fl_ls) {
+            row(
+                "`ls`, max RSS of the CLI process (ref: `pm2 ls`)",
+                mib(m),
+                or_none(rss(pm_ls).map(mib)),
+                judge(m as f64, rss(pm_ls).map(|v| v as f64), None),
+                "-",
+            );
+        }
+        if let Some(c) = srv(fl_ls) {
+            row(
+                "`ls`, CPU of the stack answering: daemon + nats-server (ref: pm2 daemon)",
+                format!("{c:.1} ms"),
+                or_none(srv(pm_ls).map(|v| format!("{v:.1} ms"))),
+                judge(c, srv(pm_ls), None),
+                "-",
+            );
+        }
+        let fl_mem = mem.daemon + mem.nats;
+        row(
+            "RSS, 4 workers: daemon + nats-server (ref: pm2 daemon, PM2_HOME/pm2.pid)",
+            format!("{} ({} + {})", mib(fl_mem), mib(mem.daemon), mib(mem.nats)),
+            or_none(mem.pm2.map(mib)),
+            judge(fl_mem as f64, mem.pm2.map(|v| v as f64), Some(0.5)),
+            "<= 0.5x",
+        );
+        print_aligned(
+            &["figure", "flotilla", "reference", "ratio", "target", "met?"],
+            &rows,
+            &[false, true, true, true, false, false],
+        );
+        println!(
+            "(Medians: start cases over {} interleaved rounds, listing commands over {} calls each, RSS over 5 readings 200 ms apart taken 2 s after the workers started. Ratio = flotilla / reference.)",
+            self.warm.len(),
+            fl_ls.map_or(0, |c| c.wall.len())
+        );
+        println!();
+        println!("Rounds in run order (ms):");
+        let mut lines: Vec<(&str, String)> = vec![
+            ("Node cluster floor, 4 online", list(&self.floor)),
+            ("Node cluster floor, 4 booted", list(&self.floor_booted)),
+            ("flotilla warm start", list(&self.warm)),
+            ("flotilla warm, 4 booted", list(&self.warm_booted)),
+            ("flotilla cold start", list(&self.cold)),
+            ("flotilla cold, 4 booted", list(&self.cold_booted)),
+        ];
+        if pm2 {
+            lines.push(("pm2 cold, until 4 online", list(&self.pm2_online)));
+            lines.push(("pm2 cold, 4 booted", list(&self.pm2_booted)));
+            lines.push(("pm2 cold, `pm2 start` returned", list(&self.pm2_return)));
+            lines.push((
+                "pm2 jlist polls until online",
+                self.pm2_polls
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ));
+        }
+        lines.push(("flotilla delete all (4 workers)", list(&self.delete)));
+        lines.push(("flotilla kill (4 workers)", list(&self.kill)));
+        if pm2 {
+            lines.push(("pm2 kill (4 workers)", list(&self.pm2_kill)));
+        }
+        for (name, v) in &lines {
+            println!("  {name:32} {v}");
+        }
+        println!(
+            "  warm start CPU of the CLI process: median {}",
+            ms(median(&self.warm_cpu))
+        );
+        println!();
+        println!(
+            "Where a flotilla start's time goes (ms from the CLI's spawn, medians; from the daemon's log stamps):"
+        );
+        let ph = |v: &[Phases], f: fn(&Phases) -> Option<f64>| {
+            median_f(&v.iter().filter_map(f).collect::<Vec<_>>())
+                .map_or("-".into(), |m| format!("{m:.1}"))
+        };
+        for (name, v) in [("cold", &self.cold_phases), ("warm", &self.warm_phases)] {
+            println!(
+                "  {name}: nats-server up {} | stack ready {} | first worker online {} | 4th online {} | CLI exit {}",
+                ph(v, |p| p.nats_up),
+                ph(v, |p| p.ready),
+                ph(v, |p| p.first_online),
+                ph(v, |p| p.last_online),
+                ph(v, |p| Some(p.exit)),
+            );
+        }
+        println!();
+        println!(
+            "Listing commands ({} calls each; wall min-median-max, CPU and max RSS of the CLI process, CPU of the server side per call):",
+            fl_ls.map_or(0, |c| c.wall.len())
+        );
+        for ((name, _, _), c) in cmds.iter().zip(calls) {
+            let mut w = c.wall.clone();
+            w.sort();
+            println!(
+                "  {name:20} {} / {} / {} | CPU {} | RSS {} | server {:.1} ms",
+                ms(w[0]),
+                ms(median(&w)),
+                ms(w[w.len() - 1]),
+                ms(median(&c.cpu)),
+                mib(median_u64(&c.rss)),
+                c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64
+            );
+        }
+        println!(
+            "RSS after the listing calls: daemon {} + nats-server {}{}",
+            mib(mem_after.daemon),
+            mib(mem_after.nats),
+            mem_after
+                .pm2
+                .map_or(String::new(), |p| format!("; pm2 daemon {}", mib(p)))
+        );
+    }
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(if o.stdout.is_empty() {
+                &o.stderr
+            } else {
+                &o.stdout
+            })
+            .trim()
+            .to_string()
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn machine(pm2: Option<&str>) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let dirty = !command_line("git", &["-C", repo, "status", "--porcelain", "src"]).is_empty();
+    format!(
+        "date: {}\nflotilla: commit {}{}\nmachine: {cores} cores ({cpu}), Linux {kernel}; node {}; {}; pm2 {}",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command_line("git", &["-C", repo, "rev-parse", "--short", "HEAD"]),
+        if dirty {
+            " (src/ has uncommitted changes)"
+        } else {
+            ""
+        },
+        command_line("node", &["--version"]),
+        command_line("nats-server", &["--version"]),
+        pm2.unwrap_or("not installed"),
+    )
+}
+
+fn print_aligned(header: &[&str], rows: &[[String; 6]], right: &[bool]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                s.push_str(" | ");
+            }
+            let pad = " ".repeat(width[i].saturating_sub(c.chars().count()));
+            if right[i] {
+                s.push_str(&pad);
+                s.push_str(c);
+            } else {
+                s.push_str(c);
+                s.push_str(&pad);
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(&header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    println!(
+        "{}",
+        width
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-|-")
+    );
+    for r in rows {
+        line(r);
+    }
+}
