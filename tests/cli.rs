@@ -115,11 +115,15 @@ async fn start_ls_stop_restart_reload_scale_delete_on_one_host() {
     assert!(ok, "{err}");
     assert_eq!(by_status(&fleet.ls().await, "stopped").len(), 4);
 
-    // restart brings all back
+    // restart brings all back, each restarted once (the agent's convergence to "running again"
+    // and the controller's request must not both restart it)
     let (ok, _, err) = fleet.cli(&["restart", "api"]).await;
     assert!(ok, "{err}");
     let procs = fleet.ls().await;
     assert_eq!(by_status(&procs, "online").len(), 4, "{procs:?}");
+    for p in &procs {
+        assert_eq!(p["restart_time"], 1, "{p}");
+    }
 
     // reload: one at a time, each comes back online with a new pid and one more restart
     let before: Vec<(u64, u64)> = procs

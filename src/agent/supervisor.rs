@@ -882,7 +882,7 @@ impl Supervisor {
         Ok(reply)
     }
 
-    /// pm2: `start` of a stopped app starts it again, with the options given.
+    /// pm2: `start` of a stopped app starts it again (a restart), with the options given.
     fn start_again(
         &mut self,
         id: u32,
@@ -893,10 +893,10 @@ impl Supervisor {
         if let Some(p) = self.procs.get_mut(&id) {
             p.spec = spec.clone();
             p.launch = launch.clone();
-            p.policy.reset(Instant::now());
-            p.relay.event(&EventFields::named("start").manually(true));
         }
-        self.spawn_proc(id, wtx);
+        // pm2 restarts it: one more restart, a `restart` event; the same as the convergence's
+        // `Resume`, so whichever arrives first, the count is the same.
+        self.manual_restart(id, wtx);
     }
 
     /// Creates and spawns the processes `ids` (instance numbers `numbers`) of `app`.

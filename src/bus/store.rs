@@ -51,6 +51,9 @@ pub enum StoreError {
     Refused(String),
 }
 
+/// Longest one read may take before it is asked again (within the update's deadline).
+const OP_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Revisions kept per key.
 const HISTORY: i64 = 5;
 
@@ -138,10 +141,19 @@ impl Store {
         T: Serialize + DeserializeOwned,
         F: FnMut(Option<T>) -> Result<T, StoreError>,
     {
+        let silent = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
             let mut backoff = Duration::from_millis(2);
             loop {
-                let current = self.entry(key).await?;
+                // A read whose answer is lost (it happens right after a bucket is made, on a
+                // busy server) is asked again rather than waited for until the deadline.
+                let current = match tokio::time::timeout(OP_TIMEOUT, self.entry(key)).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        silent.store(true, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                };
                 let (value, revision) = match &current {
                     Some((Some(v), rev)) => (Some(decode::<T>(key, v)?), Some(*rev)),
                     Some((None, rev)) => (None, Some(*rev)),
@@ -187,10 +199,21 @@ impl Store {
         tokio::time::timeout(self.deadline, attempt)
             .await
             .unwrap_or_else(|_| {
-                Err(StoreError::Contended {
-                    key: key.to_string(),
-                    deadline: self.deadline,
-                })
+                if silent.load(std::sync::atomic::Ordering::Relaxed) {
+                    Err(StoreError::Nats {
+                        what: "reading",
+                        key: key.to_string(),
+                        reason: format!(
+                            "JetStream did not answer within {:?}: is the server overloaded, or JetStream unavailable?",
+                            self.deadline
+                        ),
+                    })
+                } else {
+                    Err(StoreError::Contended {
+                        key: key.to_string(),
+                        deadline: self.deadline,
+                    })
+                }
             })
     }
 

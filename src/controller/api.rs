@@ -836,8 +836,22 @@ async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, Cont
         }
         return Err(not_found(&r.target));
     }
+    // Stopped ones are started (idempotently), not restarted: the agent's convergence may
+    // start them first, and a restart would then kill the run it just began.
+    let was_stopped: BTreeSet<u32> = desired
+        .values()
+        .flat_map(|a| &a.apps)
+        .flat_map(|e| {
+            e.spec
+                .pm_ids
+                .iter()
+                .filter(|&&id| !e.wants_running(id))
+                .copied()
+        })
+        .collect();
+    let mut after: BTreeMap<String, Assignment> = BTreeMap::new();
     for (host, ids) in &sel {
-        edit_host(ctx, host, |a| {
+        let a = edit_host(ctx, host, |a| {
             for e in a.apps.iter_mut() {
                 let mine: Vec<u32> = e
                     .spec
@@ -863,24 +877,77 @@ async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, Cont
             }
         })
         .await?;
+        after.insert(host.clone(), a);
     }
     if verb == "delete" {
         for app in &apps {
             forget_if_empty(ctx, app).await?;
         }
     }
-    if verb == "reload" {
-        return reload(ctx, r, sel).await;
+    let mut resumed = Reply::ok(Some(r.request_id), CTL);
+    let mut sel = sel;
+    if verb == "restart" || verb == "reload" {
+        let mut reqs = vec![];
+        for (host, ids) in sel.iter_mut() {
+            let back: Vec<u32> = ids
+                .iter()
+                .copied()
+                .filter(|id| was_stopped.contains(id))
+                .collect();
+            if back.is_empty() {
+                continue;
+            }
+            ids.retain(|id| !back.contains(id));
+            for e in after
+                .get(host)
+                .map(|a| a.apps.as_slice())
+                .unwrap_or_default()
+            {
+                let list: Vec<(u32, u32)> = e
+                    .instances()
+                    .into_iter()
+                    .filter(|(id, _)| back.contains(id))
+                    .collect();
+                if list.is_empty() {
+                    continue;
+                }
+                let mut share = e.clone();
+                share.set_instances(&list);
+                reqs.push((host.clone(), start_req(share.spec)));
+            }
+        }
+        sel.retain(|_, ids| !ids.is_empty());
+        resumed = merge(
+            r.request_id,
+            ask_all(ctx, reqs, START_TIMEOUT).await,
+            "start",
+        );
+        let word = if verb == "reload" {
+            "reloaded"
+        } else {
+            "restarted"
+        };
+        for c in &mut resumed.changes {
+            if c.what == "started" || c.what == "already online" {
+                c.what = word.into();
+            }
+        }
     }
-    let reqs = sel
-        .into_iter()
-        .map(|(h, ids)| (h, target_req(verb, &r.target, ids)))
-        .collect();
-    Ok(merge(
-        r.request_id,
-        ask_all(ctx, reqs, SETTLE_TIMEOUT).await,
-        verb,
-    ))
+    let mut reply = if verb == "reload" {
+        reload(ctx, r, sel).await?
+    } else {
+        let reqs = sel
+            .into_iter()
+            .map(|(h, ids)| (h, target_req(verb, &r.target, ids)))
+            .collect();
+        merge(r.request_id, ask_all(ctx, reqs, SETTLE_TIMEOUT).await, verb)
+    };
+    reply.changes.extend(resumed.changes);
+    reply.processes.extend(resumed.processes);
+    reply.error = join_errors(reply.error.into_iter().chain(resumed.error).collect());
+    reply.changes.sort_by_key(|c| c.pm_id);
+    reply.processes.sort_by_key(|p| p.meta.pm_id);
+    Ok(reply)
 }
 
 /// A rolling reload: one instance at a time, in pm_id order, the next only once the previous
