@@ -344,6 +344,8 @@ pub async fn daemon(
     if let Some(r) = ready {
         r.ready(&url);
     }
+    // Its job (hearing the agent's `online`) is done: one connection less on both sides.
+    drop(watcher);
 
     let mut events_open = true;
     let result = loop {
@@ -380,7 +382,6 @@ pub async fn daemon(
     tracing::info!("stopping the agent (and its workers), then the controller, then nats-server");
     agent.stop(None).await;
     controller.stop(Some(CONTROLLER_GRACE)).await;
-    drop(watcher);
     nats.stop(NATS_GRACE).await;
     if let Err(e) = remove_if_present(&paths.info) {
         tracing::warn!("{e}");
