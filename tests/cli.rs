@@ -228,8 +228,8 @@ async fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             "selects env_prod of an ecosystem file",
         ),
         (
-            vec!["start", script, "--listen", "tcp://127.0.0.1:0"],
-            "not supported yet",
+            vec!["start", script, "--listen", "tcp://127.0.0.1"],
+            "tcp://HOST:PORT",
         ),
         (
             vec!["start", script, "--cron-restart", "every day"],
@@ -622,4 +622,114 @@ async fn two_controllers_share_the_api_and_both_show_in_info() {
     let _ = stop_tx.send(());
     second.await.unwrap().unwrap();
     fleet.stop().await;
+}
+
+/// Asks a TCP server for its one-line answer.
+async fn ask_tcp(port: u16) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut c = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .expect("connected in time")
+        .expect("the socket accepts");
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, c.read_to_string(&mut out))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_hands_one_socket_to_every_instance_in_any_language() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let port = free_port();
+    let addr = format!("tcp://127.0.0.1:{port}");
+    // Python, systemd style; --wait-ready proves the channel works where it moved to (fd 4).
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            fixture("listen.py").to_str().unwrap(),
+            "--name",
+            "py",
+            "-i",
+            "2",
+            "--listen",
+            &addr,
+            "--wait-ready",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let mut pm_ids = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let who: Value = serde_json::from_str(ask_tcp(port).await.trim()).unwrap();
+        assert_eq!(
+            who["pid"], who["listen_pid"],
+            "LISTEN_PID is the worker's own pid"
+        );
+        assert_eq!(who["listen_fds"], 1);
+        assert_eq!(who["names"], format!("tcp-{port}"));
+        assert_eq!(who["channel"], 4);
+        pm_ids.insert(who["pm_id"].as_str().unwrap().to_string());
+    }
+    assert!(!pm_ids.is_empty());
+    // The socket outlives its workers: a restart never closes it, so nothing is refused.
+    let (ok, _, err) = fleet.cli(&["restart", "py"]).await;
+    assert!(ok, "{err}");
+    let who: Value = serde_json::from_str(ask_tcp(port).await.trim()).unwrap();
+    assert_eq!(who["pid"], who["listen_pid"]);
+    // Another app cannot take the address from another process (here: the test's own bind).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            fixture("listen.py").to_str().unwrap(),
+            "--name",
+            "clash",
+            "--listen",
+            &format!("tcp://127.0.0.1:{taken_port}"),
+        ])
+        .await;
+    assert!(!ok);
+    assert!(err.contains("another process listens there"), "{err}");
+    // Node: listen({fd: 3}) on its own socket.
+    let node_port = free_port();
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            fixture("listen.js").to_str().unwrap(),
+            "--name",
+            "node",
+            "-i",
+            "2",
+            "--listen",
+            &format!("tcp://127.0.0.1:{node_port}"),
+            "--wait-ready",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let got = ask_tcp_http(node_port).await;
+    assert!(got.contains("node "), "{got}");
+    // Deleting the app closes its socket.
+    let (ok, _, err) = fleet.cli(&["delete", "py"]).await;
+    assert!(ok, "{err}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    drop(taken);
+    fleet.stop().await;
+}
+
+/// One HTTP GET, the whole answer.
+async fn ask_tcp_http(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .expect("connected in time")
+        .expect("the socket accepts");
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, c.read_to_string(&mut out))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    out
 }

@@ -14,6 +14,7 @@ pub mod local;
 pub mod policy;
 pub mod relay;
 pub use crate::protocol::signals;
+pub mod sockets;
 pub mod spawn;
 pub mod stats;
 pub mod supervisor;

@@ -5,7 +5,7 @@ use super::ipc;
 use crate::protocol::control::{ControlError, ErrorKind};
 use crate::protocol::{AppSpec, ExecMode};
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -217,6 +217,14 @@ pub fn environment(
     env.into_iter().collect()
 }
 
+/// Most listening sockets one worker gets.
+pub const MAX_PASSED: usize = 64;
+
+/// The worker's channel descriptor when it gets `listening` sockets before it.
+pub fn channel_fd(listening: usize) -> RawFd {
+    ipc::CHILD_FD + listening as RawFd
+}
+
 /// A freshly spawned worker.
 pub struct Spawned {
     /// The child (the waiter task owns it).
@@ -231,13 +239,31 @@ pub struct Spawned {
     pub stderr: tokio::process::ChildStderr,
 }
 
-/// Spawns one worker as its own process-group leader with the channel on fd 3.
-pub fn spawn(launch: &Launch, env: Vec<(OsString, OsString)>) -> std::io::Result<Spawned> {
+/// Spawns one worker as its own process-group leader. Without listening sockets the channel is
+/// on fd 3; with `listen` (descriptors the agent bound), those are fds 3.. (systemd's
+/// `LISTEN_FDS`) and the channel follows them: the caller sets `NODE_CHANNEL_FD` from
+/// [`channel_fd`]. `LISTEN_PID` must be the worker's own pid, known only after the fork, so a
+/// worker with sockets is exec'd through `sh`, which sets it and execs the program in place.
+pub fn spawn(
+    launch: &Launch,
+    env: Vec<(OsString, OsString)>,
+    listen: &[RawFd],
+) -> std::io::Result<Spawned> {
     let (parent, child_end) = ipc::pair()?;
     let child_fd = child_end.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(&launch.program);
-    cmd.args(&launch.args)
-        .current_dir(&launch.cwd)
+    let mut cmd = if listen.is_empty() {
+        let mut c = tokio::process::Command::new(&launch.program);
+        c.args(&launch.args);
+        c
+    } else {
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg("-c")
+            .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+            .arg(&launch.program)
+            .args(&launch.args);
+        c
+    };
+    cmd.current_dir(&launch.cwd)
         .env_clear()
         .envs(env)
         .stdin(Stdio::null())
@@ -245,17 +271,35 @@ pub fn spawn(launch: &Launch, env: Vec<(OsString, OsString)>) -> std::io::Result
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+    if listen.len() > MAX_PASSED {
+        return Err(std::io::Error::other(format!(
+            "{} listening sockets are more than {MAX_PASSED}",
+            listen.len()
+        )));
+    }
+    let sources: Vec<RawFd> = listen.iter().copied().chain([child_fd]).collect();
+    // Parked copies go just above every target number, so moving them never hits one another.
+    let park = ipc::CHILD_FD + sources.len() as RawFd;
     // SAFETY: runs in the child between fork and exec; it only calls the async-signal-safe
-    // functions fcntl and dup2 on descriptor numbers captured by value.
+    // functions fcntl and dup2 on descriptor numbers captured by value, and touches no heap
+    // (`sources` was built before the fork and is only read).
     unsafe {
         cmd.pre_exec(move || {
-            if child_fd == ipc::CHILD_FD {
-                let fl = libc::fcntl(child_fd, libc::F_GETFD);
-                if fl < 0 || libc::fcntl(child_fd, libc::F_SETFD, fl & !libc::FD_CLOEXEC) < 0 {
+            // First out of the way (above every target number), then into place: a source may
+            // already sit on another one's target. The copies are close-on-exec; dup2 clears
+            // the flag on the targets.
+            let mut high = [0 as RawFd; MAX_PASSED + 1];
+            for (i, &fd) in sources.iter().enumerate() {
+                let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, park);
+                if h < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(child_fd, ipc::CHILD_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+                high[i] = h;
+            }
+            for (i, &h) in high.iter().take(sources.len()).enumerate() {
+                if libc::dup2(h, ipc::CHILD_FD + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

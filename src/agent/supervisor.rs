@@ -142,6 +142,23 @@ fn spawn_failed(what: &str, host: &str) -> ControlError {
     )
 }
 
+/// The sockets for `listen`: those held already when they match, else bound (or shared).
+fn listening(
+    table: &mut super::sockets::Sockets,
+    listen: &[String],
+    held: &[Arc<super::sockets::Bound>],
+    host: &str,
+) -> Result<Vec<Arc<super::sockets::Bound>>, ControlError> {
+    let wanted = listen
+        .iter()
+        .map(|a| crate::protocol::listen::ListenAddr::parse(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    if held.iter().map(|b| &b.addr).eq(wanted.iter()) {
+        return Ok(held.to_vec());
+    }
+    wanted.iter().map(|a| table.get(a, host)).collect()
+}
+
 /// The change word of a restart whose new run could not be spawned.
 const NOT_RESTARTED: &str = "not restarted: spawn failed";
 
@@ -178,6 +195,10 @@ struct Proc {
     out_log: PathBuf,
     err_log: PathBuf,
     instances: u32,
+    /// Why the last spawn failed, if it did.
+    spawn_error: Option<String>,
+    /// The app's listening sockets (`listen`), held while the process exists.
+    sockets: Vec<Arc<super::sockets::Bound>>,
     /// The file watch (pm2 `watch`), and what it was made from.
     file_watch: Option<super::watch::FileWatch>,
     watch_key: Option<String>,
@@ -206,6 +227,8 @@ struct Supervisor {
     agent_meter: CpuMeter,
     /// The assignment applied last (convergence compares against it).
     applied: Option<Assignment>,
+    /// Listening sockets by address.
+    sockets: super::sockets::Sockets,
 }
 
 /// Starts the supervisor task on the config's tracker.
@@ -226,6 +249,7 @@ pub fn start(cfg: SupervisorConfig) -> SupervisorHandle {
         shutdown: None,
         agent_meter: CpuMeter::default(),
         applied: None,
+        sockets: Default::default(),
     };
     tracker.spawn(sup.run(rx, wtx));
     SupervisorHandle { tx }
@@ -723,6 +747,9 @@ impl Supervisor {
         if let Some(c) = &spec.cron_restart {
             crate::protocol::schedule::CronRestart::parse(c)?;
         }
+        for a in &spec.listen {
+            crate::protocol::listen::ListenAddr::parse(a)?;
+        }
         let launch = Arc::new(spawn::resolve(&spec, self.host())?);
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         if !spec.pm_ids.is_empty() {
@@ -879,6 +906,9 @@ impl Supervisor {
         if !ids.is_empty() {
             self.create(&app, &spec, &launch, &ids, &numbers, &mut reply, wtx)?;
         }
+        if reply.error.is_none() {
+            reply.error = self.spawn_errors(&app, &spec.pm_ids);
+        }
         Ok(reply)
     }
 
@@ -951,6 +981,8 @@ impl Supervisor {
                 exit_code: None,
                 meter: CpuMeter::default(),
                 instances,
+                spawn_error: None,
+                sockets: vec![],
                 file_watch: None,
                 watch_key: None,
                 watch_gen: 0,
@@ -965,21 +997,46 @@ impl Supervisor {
                 what: "started".into(),
             });
         }
-        let failed: Vec<String> = ids
-            .iter()
-            .filter(|id| self.procs[id].meta.status == Status::Errored)
-            .map(|id| id.to_string())
-            .collect();
         reply
             .processes
             .extend(ids.iter().filter_map(|&id| self.info(id)));
-        if !failed.is_empty() {
-            reply.error = Some(spawn_failed(
-                &format!("{app}: pm_id {} could not be spawned", failed.join(", ")),
-                self.host(),
-            ));
+        if let Some(e) = self.spawn_errors(app, ids) {
+            reply.error = Some(e);
         }
         Ok(())
+    }
+
+    /// The error of the `ids` whose spawn failed, with the reasons (`None` when none failed).
+    fn spawn_errors(&self, app: &AppKey, ids: &[u32]) -> Option<ControlError> {
+        let failed: Vec<&Proc> = ids
+            .iter()
+            .filter_map(|id| self.procs.get(id))
+            .filter(|p| p.meta.status == Status::Errored)
+            .collect();
+        if failed.is_empty() {
+            return None;
+        }
+        let mut reasons: Vec<&str> = failed
+            .iter()
+            .filter_map(|p| p.spawn_error.as_deref())
+            .collect();
+        reasons.dedup();
+        Some(ControlError::new(
+            ErrorKind::SpawnFailed,
+            format!(
+                "{app}: pm_id {} could not be spawned: {}",
+                failed
+                    .iter()
+                    .map(|p| p.meta.pm_id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if reasons.is_empty() {
+                    format!("see the agent log on host {}", self.host())
+                } else {
+                    reasons.join("; ")
+                }
+            ),
+        ))
     }
 
     /// A new process's metadata: launching, never run.
@@ -1036,6 +1093,7 @@ impl Supervisor {
         let self_tx = self.tx.clone();
         let shutting_down = self.shutdown.is_some();
         let cancel = self.cfg.cancel.clone();
+        let host = self.cfg.host.clone();
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
@@ -1046,7 +1104,23 @@ impl Supervisor {
             p.relay.set_meta(&p.meta);
             return;
         }
-        let env = spawn::environment(
+        // The app's listening sockets: bound by the first instance, kept by every run.
+        let sockets = match listening(&mut self.sockets, &p.spec.listen, &p.sockets, &host) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(pm_id, "{}", e.message);
+                p.meta.status = Status::Errored;
+                p.meta.pid = 0;
+                p.relay.set_meta(&p.meta);
+                p.spawn_error = Some(e.message.clone());
+                p.relay
+                    .event(&EventFields::named("spawn:error").reason(e.message));
+                return;
+            }
+        };
+        p.sockets = sockets;
+        let fds: Vec<std::os::fd::RawFd> = p.sockets.iter().map(|b| b.raw()).collect();
+        let mut env = spawn::environment(
             &p.spec,
             &p.launch,
             &Identity {
@@ -1057,7 +1131,17 @@ impl Supervisor {
                 instances: p.instances,
             },
         );
-        let spawned = spawn::spawn(&p.launch, env).and_then(|sp| {
+        if !fds.is_empty() {
+            env.retain(|(k, _)| k != "NODE_CHANNEL_FD");
+            let names: Vec<String> = p.sockets.iter().map(|b| b.addr.fd_name()).collect();
+            env.push((
+                "NODE_CHANNEL_FD".into(),
+                spawn::channel_fd(fds.len()).to_string().into(),
+            ));
+            env.push(("LISTEN_FDS".into(), fds.len().to_string().into()));
+            env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+        }
+        let spawned = spawn::spawn(&p.launch, env, &fds).and_then(|sp| {
             let pid = sp.pid;
             let writer = worker::start(
                 &tracker,
@@ -1082,6 +1166,7 @@ impl Supervisor {
                     stop_deadline: None,
                 });
                 p.policy.started(Instant::now());
+                p.spawn_error = None;
                 p.meter = CpuMeter::default();
                 p.meta.pid = pid;
                 p.meta.pm_uptime = now_ms();
@@ -1120,6 +1205,7 @@ impl Supervisor {
                 p.meta.status = Status::Errored;
                 p.meta.pid = 0;
                 p.relay.set_meta(&p.meta);
+                p.spawn_error = Some(reason.clone());
                 p.relay
                     .event(&EventFields::named("spawn:error").reason(reason));
             }

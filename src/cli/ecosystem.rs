@@ -341,6 +341,13 @@ fn convert(
                     .map_err(|e| invalid(file, format!("{label}: {}", e.message)))?;
                 spec.cron_restart = Some(c);
             }
+            "listen" => {
+                spec.listen = words(value).ok_or_else(|| bad(key, "an address or a list of them (tcp://:3000)"))?;
+                for l in &spec.listen {
+                    crate::protocol::listen::ListenAddr::parse(l)
+                        .map_err(|e| invalid(file, format!("{label}: {}", e.message)))?;
+                }
+            }
             "watch" => {
                 spec.watch = serde_json::from_value(value.clone())
                     .map_err(|_| bad(key, "true, false, or a list of paths"))?

@@ -122,7 +122,8 @@ pub struct StartArgs {
     /// Interpreter (`node`, `python3`, ..., `none` to exec the script itself).
     #[arg(long)]
     pub interpreter: Option<String>,
-    /// Listen address shared by every instance (tcp://HOST:PORT, unix:///path).
+    /// Bind this address once and hand it to every instance (systemd LISTEN_FDS, fds from 3):
+    /// tcp://HOST:PORT, tcp://:PORT or unix:///path (repeatable).
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
     /// Online only once the worker sends 'ready' (or listen_timeout passes).

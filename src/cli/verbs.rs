@@ -58,10 +58,9 @@ fn is_ecosystem(p: &Path) -> bool {
 
 /// `flotilla start`
 pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
-    if !a.listen.is_empty() {
-        bail!(
-            "--listen is not supported yet: start the app without it (shared sockets come in the next version)"
-        );
+    for l in &a.listen {
+        crate::protocol::listen::ListenAddr::parse(l)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     }
     if let Some(c) = &a.cron_restart {
         crate::protocol::schedule::CronRestart::parse(c)
@@ -166,6 +165,7 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
             spec.kill_timeout = d;
         }
         spec.cron_restart = a.cron_restart.clone();
+        spec.listen = a.listen.clone();
         if a.watch {
             spec.watch = crate::protocol::schedule::Watch::Cwd;
         }

@@ -253,6 +253,10 @@ pub struct AppSpec {
     /// pm_ids chosen by the controller, one per instance; the agent allocates when empty.
     #[serde(default)]
     pub pm_ids: Vec<u32>,
+    /// Addresses the agent binds once and hands to every instance (`LISTEN_FDS`, fds from 3):
+    /// `tcp://HOST:PORT`, `tcp://:PORT`, `unix:///path`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<String>,
     /// Restart on this cron schedule (pm2 `cron_restart`, alias `cron`; local time; `"0"` is
     /// none).
     #[serde(default, alias = "cron", skip_serializing_if = "Option::is_none")]

@@ -4,6 +4,7 @@ pub mod control;
 pub mod duration;
 pub mod envelope;
 pub mod fleet;
+pub mod listen;
 pub mod message;
 pub mod names;
 pub mod schedule;

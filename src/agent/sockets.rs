@@ -1,0 +1,143 @@
+//! Listening sockets the agent binds once and hands to workers (`--listen`, systemd style). A
+//! socket lives as long as some process holds it: restarts and rolling reloads never close it,
+//! so connections queue in the kernel instead of being refused. The table only remembers
+//! sockets still held (weakly), so two apps naming one address share it.
+
+use crate::protocol::control::{ControlError, ErrorKind};
+use crate::protocol::listen::ListenAddr;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Weak};
+
+/// One bound, listening socket.
+#[derive(Debug)]
+pub struct Bound {
+    /// Its address.
+    pub addr: ListenAddr,
+    fd: OwnedFd,
+}
+
+impl Bound {
+    /// The descriptor (the agent's copy).
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let ListenAddr::Unix(p) = &self.addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Sockets by address.
+#[derive(Default)]
+pub struct Sockets {
+    by_addr: HashMap<ListenAddr, Weak<Bound>>,
+}
+
+impl Sockets {
+    /// The socket for `addr`, bound now if no process holds one; errors name the host.
+    pub fn get(&mut self, addr: &ListenAddr, host: &str) -> Result<Arc<Bound>, ControlError> {
+        self.by_addr.retain(|_, w| w.strong_count() > 0);
+        if let Some(b) = self.by_addr.get(addr).and_then(Weak::upgrade) {
+            return Ok(b);
+        }
+        let fd = bind(addr).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    ": another process listens there; stop it or choose another address"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    ": ports below 1024 need privileges (CAP_NET_BIND_SERVICE)"
+                }
+                std::io::ErrorKind::AddrNotAvailable => ": that address is not on this host",
+                _ => "",
+            };
+            ControlError::new(
+                ErrorKind::SpawnFailed,
+                format!("cannot listen on {addr} on host {host} ({e}){hint}"),
+            )
+        })?;
+        let b = Arc::new(Bound {
+            addr: addr.clone(),
+            fd,
+        });
+        self.by_addr.insert(addr.clone(), Arc::downgrade(&b));
+        Ok(b)
+    }
+}
+
+fn bind(addr: &ListenAddr) -> std::io::Result<OwnedFd> {
+    match addr {
+        ListenAddr::Tcp { host, port } => {
+            let l = if host.is_empty() {
+                // Every address: IPv6 with IPv4 mapped (Linux's default), else IPv4 only.
+                std::net::TcpListener::bind(("::", *port))
+                    .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", *port)))?
+            } else {
+                std::net::TcpListener::bind((host.as_str(), *port))?
+            };
+            Ok(OwnedFd::from(l))
+        }
+        ListenAddr::Unix(path) => {
+            let l = match std::os::unix::net::UnixListener::bind(path) {
+                Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    // A socket file nobody answers on is a leftover: replace it.
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        return Err(e);
+                    }
+                    std::fs::remove_file(path)?;
+                    std::os::unix::net::UnixListener::bind(path)?
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(OwnedFd::from(l))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_once_shared_while_held_and_closed_after() {
+        let mut t = Sockets::default();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let addr = ListenAddr::parse(&format!("tcp://127.0.0.1:{port}")).unwrap();
+        let a = t.get(&addr, "h").unwrap();
+        let b = t.get(&addr, "h").unwrap();
+        assert_eq!(a.raw(), b.raw(), "one socket for both");
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        // Held elsewhere: binding again fails with a clear message.
+        let mut other = Sockets::default();
+        let e = other.get(&addr, "web-1").unwrap_err();
+        assert!(
+            e.message.contains("web-1") && e.message.contains("another process"),
+            "{e}"
+        );
+        drop((a, b));
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "closed"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let u = ListenAddr::Unix(path.clone());
+        let held = t.get(&u, "h").unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(held);
+        assert!(!path.exists(), "the socket file goes with the socket");
+        // A leftover file is replaced.
+        std::fs::write(&path, "").unwrap();
+        let again = t.get(&u, "h").unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(again);
+    }
+}
