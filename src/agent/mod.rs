@@ -333,6 +333,15 @@ async fn follow_assignment(
             n = updates.next() => n,
             _ = cancel.cancelled() => return,
         };
+        // Only the newest of the updates already here counts: the states in between are
+        // history, and applying them could start what a later one removes.
+        let mut next = next;
+        while let Some(Some(newer)) = futures::FutureExt::now_or_never(updates.next()) {
+            match newer {
+                Ok(v) => next = Some(Ok(v)),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         let a = match next {
             Some(Ok(Some(a))) => a,
             Some(Ok(None)) => Assignment {

@@ -542,10 +542,14 @@ async fn apply(
         .update(&key, |_: Option<AppRecord>| Ok(r2.clone()))
         .await
         .map_err(store_err)?;
-    let mut touched: BTreeMap<String, Assignment> = BTreeMap::new();
+    // The count first, then the options: in between, an agent that converges to the middle
+    // state never sees an instance that is about to go (it would start it again after our
+    // delete, until the next state arrives).
+    let (_, removed) = rescale(ctx, app, &rec, n, &desired).await?;
+    let desired = self::desired(ctx).await?;
     for host in desired.keys() {
         if slots(&desired, app).iter().any(|s| &s.host == host) {
-            let a = edit_host(ctx, host, |a| {
+            edit_host(ctx, host, |a| {
                 for e in a.apps.iter_mut().filter(|e| e.key().as_ref() == Some(app)) {
                     let list = e.instances();
                     e.spec = base.clone();
@@ -555,12 +559,8 @@ async fn apply(
                 }
             })
             .await?;
-            touched.insert(host.clone(), a);
         }
     }
-    let desired = self::desired(ctx).await?;
-    let (mut changed, removed) = rescale(ctx, app, &rec, n, &desired).await?;
-    changed.append(&mut touched);
     let mut reqs = vec![];
     for (host, ids) in removed {
         reqs.push((host, target_req("delete", &Target::All, ids)));
