@@ -733,3 +733,60 @@ async fn ask_tcp_http(port: u16) -> String {
         .unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_node_servers_share_one_port_in_cluster_mode() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let client = fleet.nats.client().await;
+    let port = free_port();
+    let env = format!("PORT={port}");
+    let script = fixture("cluster_server.js");
+    let script = script.to_str().unwrap();
+    // Without the agent answering Node's queryServer, three of four would die of EADDRINUSE.
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script,
+            "--name",
+            "web",
+            "-i",
+            "4",
+            "--env",
+            &env,
+            "--wait-ready",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let procs = fleet.ls().await;
+    assert_eq!(by_status(&procs, "online").len(), 4, "{procs:?}");
+    assert!(procs.iter().all(|p| p["restart_time"] == 0), "{procs:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let got = ask_tcp_http(port).await;
+        let body = got.lines().last().unwrap_or_default().to_string();
+        seen.insert(body.split(' ').next().unwrap_or_default().to_string());
+    }
+    assert!(
+        !seen.is_empty()
+            && seen
+                .iter()
+                .all(|s| ["0", "1", "2", "3"].contains(&s.as_str())),
+        "{seen:?}"
+    );
+    // The port stays open across a restart of every instance.
+    let (ok, _, err) = fleet.cli(&["restart", "web"]).await;
+    assert!(ok, "{err}");
+    assert!(ask_tcp_http(port).await.contains("200 OK"));
+    // A port someone else holds: the app sees Node's usual EADDRINUSE.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let mut errors = Watch::new(&client, "pm.default.clash.listen:error").await;
+    let env = format!("PORT={taken_port}");
+    let _ = fleet
+        .cli(&["start", script, "--name", "clash", "-i", "2", "--env", &env])
+        .await;
+    let e = errors.until("EADDRINUSE in the app", |_| true).await;
+    assert_eq!(e.env.data.unwrap()["code"], "EADDRINUSE");
+    drop(taken);
+    fleet.stop().await;
+}

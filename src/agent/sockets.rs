@@ -22,6 +22,11 @@ impl Bound {
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+
+    /// A second descriptor for the same socket (to pass to a worker, which gets its own).
+    pub fn dup(&self) -> std::io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
 }
 
 impl Drop for Bound {
@@ -29,6 +34,22 @@ impl Drop for Bound {
         if let ListenAddr::Unix(p) = &self.addr {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// A socket that could not be bound: the errno (what Node's cluster protocol passes on to the
+/// app) and the message for people.
+#[derive(Debug)]
+pub struct BindError {
+    /// The OS error number (`EADDRINUSE`, ...).
+    pub errno: i32,
+    /// What, where, how to fix.
+    pub error: ControlError,
+}
+
+impl From<BindError> for ControlError {
+    fn from(e: BindError) -> Self {
+        e.error
     }
 }
 
@@ -40,7 +61,7 @@ pub struct Sockets {
 
 impl Sockets {
     /// The socket for `addr`, bound now if no process holds one; errors name the host.
-    pub fn get(&mut self, addr: &ListenAddr, host: &str) -> Result<Arc<Bound>, ControlError> {
+    pub fn get(&mut self, addr: &ListenAddr, host: &str) -> Result<Arc<Bound>, BindError> {
         self.by_addr.retain(|_, w| w.strong_count() > 0);
         if let Some(b) = self.by_addr.get(addr).and_then(Weak::upgrade) {
             return Ok(b);
@@ -56,10 +77,13 @@ impl Sockets {
                 std::io::ErrorKind::AddrNotAvailable => ": that address is not on this host",
                 _ => "",
             };
-            ControlError::new(
-                ErrorKind::SpawnFailed,
-                format!("cannot listen on {addr} on host {host} ({e}){hint}"),
-            )
+            BindError {
+                errno: e.raw_os_error().unwrap_or(libc::EADDRNOTAVAIL),
+                error: ControlError::new(
+                    ErrorKind::SpawnFailed,
+                    format!("cannot listen on {addr} on host {host} ({e}){hint}"),
+                ),
+            }
         })?;
         let b = Arc::new(Bound {
             addr: addr.clone(),
@@ -118,6 +142,8 @@ mod tests {
         // Held elsewhere: binding again fails with a clear message.
         let mut other = Sockets::default();
         let e = other.get(&addr, "web-1").unwrap_err();
+        assert_eq!(e.errno, libc::EADDRINUSE);
+        let e = e.error;
         assert!(
             e.message.contains("web-1") && e.message.contains("another process"),
             "{e}"

@@ -207,6 +207,15 @@ pub fn environment(
     for (k, v) in ids {
         env.insert(k.into(), v.into());
     }
+    let node = Path::new(&launch.interpreter)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "node" || n == "nodejs");
+    if launch.exec_mode == ExecMode::Cluster && node {
+        // A Node cluster worker: its `listen(port)` asks us (its primary) for the socket
+        // instead of binding it, so every instance serves the same port.
+        env.insert("NODE_UNIQUE_ID".into(), id.pm_id.to_string().into());
+    }
     env.insert(
         spec.instance_var.clone().into(),
         id.instance.to_string().into(),

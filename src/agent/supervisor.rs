@@ -156,7 +156,61 @@ fn listening(
     if held.iter().map(|b| &b.addr).eq(wanted.iter()) {
         return Ok(held.to_vec());
     }
-    wanted.iter().map(|a| table.get(a, host)).collect()
+    wanted
+        .iter()
+        .map(|a| table.get(a, host).map_err(ControlError::from))
+        .collect()
+}
+
+/// One line of Node's channel protocol.
+fn cluster_line(v: serde_json::Value) -> bytes::Bytes {
+    let mut line = serde_json::to_vec(&v).expect("a JSON value always serialises");
+    line.push(b'\n');
+    line.into()
+}
+
+/// The socket a cluster worker's `queryServer` asks for: one of the app's `--listen` sockets
+/// when it names an fd (`listen({fd: 3})`), else the address, bound once for every worker.
+/// Errors carry the errno for Node and a line for people.
+fn cluster_socket(
+    table: &mut super::sockets::Sockets,
+    listen: &[Arc<super::sockets::Bound>],
+    msg: &serde_json::Value,
+    host: &str,
+) -> Result<Arc<super::sockets::Bound>, (i32, String)> {
+    use crate::protocol::listen::ListenAddr;
+    if let Some(fd) = msg.get("fd").and_then(|f| f.as_i64())
+        && fd >= 3
+    {
+        return listen.get((fd - 3) as usize).cloned().ok_or_else(|| {
+            (
+                libc::EBADF,
+                format!("the worker listens on fd {fd}, which is not one of its --listen sockets"),
+            )
+        });
+    }
+    let address = msg.get("address").and_then(|a| a.as_str()).unwrap_or("");
+    let kind = msg.get("addressType").and_then(|t| t.as_i64()).unwrap_or(4);
+    let addr = if kind == -1 {
+        ListenAddr::Unix(std::path::PathBuf::from(address))
+    } else {
+        let port = msg.get("port").and_then(|p| p.as_u64()).unwrap_or(0);
+        let port = u16::try_from(port)
+            .map_err(|_| (libc::EINVAL, format!("port {port} is out of range")))?;
+        if port == 0 {
+            return Err((
+                libc::EINVAL,
+                "listen(0) in cluster mode would give each worker another port: choose one".into(),
+            ));
+        }
+        ListenAddr::Tcp {
+            host: address.to_string(),
+            port,
+        }
+    };
+    table
+        .get(&addr, host)
+        .map_err(|e| (e.errno, e.error.message))
 }
 
 /// The change word of a restart whose new run could not be spawned.
@@ -173,6 +227,8 @@ struct Run {
     pid: u32,
     writer: mpsc::Sender<OutFrame>,
     stop_deadline: Option<Instant>,
+    /// Our sequence number in Node's cluster protocol with this run.
+    cluster_seq: u64,
 }
 
 struct Proc {
@@ -197,6 +253,9 @@ struct Proc {
     instances: u32,
     /// Why the last spawn failed, if it did.
     spawn_error: Option<String>,
+    /// Sockets its Node cluster workers asked for (`listen(port)`), kept across its runs so a
+    /// restart never closes them.
+    cluster_sockets: Vec<Arc<super::sockets::Bound>>,
     /// The app's listening sockets (`listen`), held while the process exists.
     sockets: Vec<Arc<super::sockets::Bound>>,
     /// The file watch (pm2 `watch`), and what it was made from.
@@ -293,6 +352,11 @@ impl Supervisor {
                     self.on_ready(pm_id, run_gen, false)
                 }
                 Msg::ReadyTimeout { pm_id, run_gen } => self.on_ready(pm_id, run_gen, true),
+                Msg::Worker(WorkerEvent::Cluster {
+                    pm_id,
+                    run_gen,
+                    msg,
+                }) => self.on_cluster(pm_id, run_gen, &msg),
                 Msg::RestartDue { pm_id, run_gen } => {
                     if let Some(p) = self.procs.get_mut(&pm_id)
                         && p.run_gen == run_gen
@@ -982,6 +1046,7 @@ impl Supervisor {
                 meter: CpuMeter::default(),
                 instances,
                 spawn_error: None,
+                cluster_sockets: vec![],
                 sockets: vec![],
                 file_watch: None,
                 watch_key: None,
@@ -1164,6 +1229,7 @@ impl Supervisor {
                     pid,
                     writer,
                     stop_deadline: None,
+                    cluster_seq: 0,
                 });
                 p.policy.started(Instant::now());
                 p.spawn_error = None;
@@ -1235,6 +1301,88 @@ impl Supervisor {
             p.relay.event(&ev);
             let waiters = std::mem::take(&mut p.online_waiters);
             self.settle(pm_id, waiters, "reloaded");
+        }
+    }
+
+    /// Node's cluster protocol, the primary's side: a worker's `listen()` becomes a
+    /// `queryServer`, answered with the shared listening socket (bound once per address, kept
+    /// by the agent) riding on a `NODE_HANDLE` line, or with the errno Node then raises in the
+    /// app (`EADDRINUSE`, ...).
+    fn on_cluster(&mut self, pm_id: u32, run_gen: u64, msg: &serde_json::Value) {
+        let host = self.cfg.host.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        if p.run_gen != run_gen {
+            return;
+        }
+        let Some(run) = p.run.as_mut() else { return };
+        let their_seq = msg.get("seq").cloned().unwrap_or(serde_json::Value::Null);
+        let act = msg.get("act").and_then(|a| a.as_str()).unwrap_or_default();
+        let our_seq = run.cluster_seq;
+        run.cluster_seq += 1;
+        let writer = run.writer.clone();
+        let frame = match act {
+            "exitedAfterDisconnect" => OutFrame::line(cluster_line(serde_json::json!({
+                "cmd": "NODE_CLUSTER", "ack": their_seq, "seq": our_seq
+            }))),
+            "queryServer" => {
+                let js = |v: Option<&serde_json::Value>| match v {
+                    None => "undefined".to_string(),
+                    Some(serde_json::Value::Null) => "null".to_string(),
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                };
+                let key = format!(
+                    "{}:{}:{}:{}:{}",
+                    js(msg.get("address")),
+                    js(msg.get("port")),
+                    js(msg.get("addressType")),
+                    js(msg.get("fd")),
+                    js(msg.get("index"))
+                );
+                let reply = |errno: i32| {
+                    serde_json::json!({
+                        "cmd": "NODE_CLUSTER", "errno": errno, "key": key, "ack": their_seq,
+                        "data": msg.get("data").cloned().unwrap_or(serde_json::Value::Null),
+                        "seq": our_seq
+                    })
+                };
+                match cluster_socket(&mut self.sockets, &p.sockets, msg, &host) {
+                    Ok(bound) => {
+                        let dup = bound.dup();
+                        if !p.cluster_sockets.iter().any(|b| b.addr == bound.addr)
+                            && !p.sockets.iter().any(|b| b.addr == bound.addr)
+                        {
+                            p.cluster_sockets.push(bound);
+                        }
+                        match dup {
+                            Ok(fd) => OutFrame {
+                                bytes: cluster_line(serde_json::json!({
+                                    "cmd": "NODE_HANDLE", "type": "net.Native", "msg": reply(0)
+                                })),
+                                fd: Some(fd),
+                            },
+                            Err(e) => OutFrame::line(cluster_line(reply(
+                                -e.raw_os_error().unwrap_or(libc::EMFILE),
+                            ))),
+                        }
+                    }
+                    Err((errno, why)) => {
+                        tracing::warn!(pm_id, "{why}");
+                        p.relay
+                            .event(&EventFields::named("listen:error").reason(why));
+                        OutFrame::line(cluster_line(reply(-errno)))
+                    }
+                }
+            }
+            _ => return,
+        };
+        if writer.try_send(frame).is_err() {
+            tracing::warn!(
+                pm_id,
+                "the cluster reply could not be queued: the worker's channel is full or closed"
+            );
         }
     }
 

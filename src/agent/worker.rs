@@ -39,6 +39,16 @@ pub enum WorkerEvent {
         /// run generation
         run_gen: u64,
     },
+    /// A Node cluster worker asked its primary (us) something that needs an answer
+    /// (`queryServer`: a listening socket; `exitedAfterDisconnect`).
+    Cluster {
+        /// pm_id
+        pm_id: u32,
+        /// run generation
+        run_gen: u64,
+        /// The message (`{"cmd":"NODE_CLUSTER","act":…,"seq":…}`).
+        msg: serde_json::Value,
+    },
 }
 
 /// Where a run's tasks report.
@@ -231,13 +241,26 @@ async fn ipc_pump(
 ) {
     let mut reader = LineReader::new(relay.max_message());
     let mut out: Vec<Outgoing> = Vec::new();
+    let mut cluster: Vec<serde_json::Value> = Vec::new();
     loop {
         let mut ready = false;
         let res = reader
             .read(&ch, |frame, fds| match frame {
                 Frame::Line(line) => match classify(line) {
                     Ok(Classified::NodeInternal { cmd, raw }) => {
-                        if cmd == "NODE_HANDLE" {
+                        if cmd == "NODE_CLUSTER" {
+                            // The worker's side of Node's cluster protocol: `online`,
+                            // `listening` and `close` need no answer; the rest go to the
+                            // supervisor, which owns the listening sockets.
+                            if let Ok(v) = serde_json::from_str::<serde_json::Value>(raw.get())
+                                && matches!(
+                                    v.get("act").and_then(|a| a.as_str()),
+                                    Some("queryServer" | "exitedAfterDisconnect")
+                                )
+                            {
+                                cluster.push(v);
+                            }
+                        } else if cmd == "NODE_HANDLE" {
                             // `process.send(msg, handle)`: the handle rode with this line. We
                             // do not use it: close it, acknowledge (else Node holds back the
                             // worker's next sends), and relay the user's `msg` as any message.
@@ -282,6 +305,15 @@ async fn ipc_pump(
         relay.push(&mut out).await;
         if ready {
             let _ = events.send(WorkerEvent::Ready { pm_id, run_gen }).await;
+        }
+        for msg in cluster.drain(..) {
+            let _ = events
+                .send(WorkerEvent::Cluster {
+                    pm_id,
+                    run_gen,
+                    msg,
+                })
+                .await;
         }
         match res {
             Ok(true) => {}
