@@ -790,3 +790,67 @@ async fn unmodified_node_servers_share_one_port_in_cluster_mode() {
     drop(taken);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_refuses_no_connection() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let port = free_port();
+    let env = format!("PORT={port}");
+    let script = fixture("cluster_server.js");
+    for (name, n) in [("one", "1"), ("two", "2")] {
+        let port = if name == "one" { port } else { free_port() };
+        let env = format!("PORT={port}");
+        let (ok, _, err) = fleet
+            .cli(&[
+                "start",
+                script.to_str().unwrap(),
+                "--name",
+                name,
+                "-i",
+                n,
+                "--env",
+                &env,
+                "--wait-ready",
+            ])
+            .await;
+        assert!(ok, "{err}");
+        // A client asks in a loop while the app reloads; every request must be answered.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hammer = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let (mut ok, mut failed) = (0u32, vec![]);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 100_000 {
+                    match tokio::time::timeout(WAIT, try_http(port)).await {
+                        Ok(Ok(body)) if body.contains("200 OK") => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            }
+        });
+        let (ok, _, err) = fleet.cli(&["reload", name]).await;
+        assert!(ok, "{err}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (answered, failed) = hammer.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{name}: {} failed, e.g. {:?}",
+            failed.len(),
+            failed.first()
+        );
+        assert!(answered > 0, "{name}: some requests were made");
+    }
+    let _ = env;
+    fleet.stop().await;
+}
+
+/// One HTTP GET; errors are returned (refused, reset), not panics.
+async fn try_http(port: u16) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).await?;
+    Ok(out)
+}
