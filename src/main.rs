@@ -125,7 +125,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(a) => verbs::start(&settings()?, a).await,
         Command::Stop(a) => verbs::targeted(&settings()?, "stop", a).await,
         Command::Restart(a) => verbs::targeted(&settings()?, "restart", a).await,
-        Command::Reload(a) => verbs::targeted(&settings()?, "reload", a).await,
+        Command::Reload(a) => {
+            let t = flotilla::cli::TargetArgs {
+                target: a.target.clone(),
+                json: a.json,
+            };
+            verbs::targeted_with(&settings()?, "reload", &t, a.parallel).await
+        }
         Command::Delete(a) => verbs::targeted(&settings()?, "delete", a).await,
         Command::Scale(a) => verbs::scale(&settings()?, a).await,
         Command::Ls(a) => verbs::ls(&settings()?, a).await,

@@ -135,7 +135,9 @@ async fn start_ls_stop_restart_reload_scale_delete_on_one_host() {
             )
         })
         .collect();
-    let (ok, out, err) = fleet.cli(&["reload", "api", "--json"]).await;
+    let (ok, out, err) = fleet
+        .cli(&["reload", "api", "--json", "--parallel", "2"])
+        .await;
     assert!(ok, "{err}");
     let reply: Value = serde_json::from_str(&out).unwrap();
     let words: Vec<&str> = reply["changes"]

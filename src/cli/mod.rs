@@ -44,7 +44,7 @@ pub enum Command {
     /// Restart processes (all at once).
     Restart(TargetArgs),
     /// Rolling restart: one instance at a time, the next once the new one is online (ready).
-    Reload(TargetArgs),
+    Reload(ReloadArgs),
     /// Stop and remove processes.
     #[command(visible_alias = "del")]
     Delete(TargetArgs),
@@ -175,6 +175,19 @@ pub struct StartArgs {
 pub struct TargetArgs {
     /// `all`, a pm_id, an app name or `ns/name`.
     pub target: String,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `flotilla reload`
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// `all`, a pm_id, an app name or `ns/name`.
+    pub target: String,
+    /// Instances reloaded at a time (pm2 `--parallel`); never all of an app at once.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: u32,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,

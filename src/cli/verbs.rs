@@ -387,11 +387,22 @@ async fn after_action(
     Ok(())
 }
 
-/// `flotilla stop|restart|reload|delete`
+/// `flotilla stop|restart|delete`
 pub async fn targeted(settings: &Settings, verb: &str, a: &TargetArgs) -> anyhow::Result<()> {
+    targeted_with(settings, verb, a, 1).await
+}
+
+/// Same, with `reload --parallel K`.
+pub async fn targeted_with(
+    settings: &Settings,
+    verb: &str,
+    a: &TargetArgs,
+    parallel: u32,
+) -> anyhow::Result<()> {
     let t = target(&a.target)?;
     let client = Client::connect(settings).await?;
-    let r = TargetRequest::new(t.clone());
+    let mut r = TargetRequest::new(t.clone());
+    r.parallel = parallel.max(1);
     let within = if verb == "reload" {
         RELOAD_WITHIN
     } else {

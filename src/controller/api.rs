@@ -342,6 +342,7 @@ fn target_req(verb: &str, target: &Target, pm_ids: Vec<u32>) -> Request {
         request_id: Uuid::new_v4(),
         target: target.clone(),
         pm_ids,
+        parallel: 1,
     };
     match verb {
         "stop" => Request::Stop(r),
@@ -962,26 +963,31 @@ async fn reload(
         .flat_map(|(h, ids)| ids.into_iter().map(move |id| (id, h.clone())))
         .collect();
     order.sort();
+    // `--parallel K` instances at a time (pm2's), never more than all but one of them.
+    let k = (r.parallel.max(1) as usize).min(order.len().saturating_sub(1).max(1));
     let mut results = vec![];
-    for (id, host) in order {
-        let res = ask(
-            ctx,
-            &host,
-            target_req("reload", &r.target, vec![id]),
-            RELOAD_TIMEOUT,
-        )
-        .await;
-        let failed = match &res {
-            Ok(x) => x.error.is_some() || x.changes.iter().any(|c| c.what != "reloaded"),
-            Err(_) => true,
-        };
-        results.push((host, res));
-        if failed {
-            // pm2 goes on with the others; so do we (the reply says which did not come back).
-            tracing::warn!(
-                pm_id = id,
-                "reload of one instance did not come back online"
-            );
+    for batch in order.chunks(k) {
+        let target = &r.target;
+        let asks = batch.iter().map(|(id, host)| async move {
+            let res = ask(
+                ctx,
+                host,
+                target_req("reload", target, vec![*id]),
+                RELOAD_TIMEOUT,
+            )
+            .await;
+            (host.clone(), res)
+        });
+        for (host, res) in futures::future::join_all(asks).await {
+            let failed = match &res {
+                Ok(x) => x.error.is_some() || x.changes.iter().any(|c| c.what != "reloaded"),
+                Err(_) => true,
+            };
+            if failed {
+                // pm2 goes on with the others; so do we (the reply says which did not come back).
+                tracing::warn!(host, "reload of an instance did not come back online");
+            }
+            results.push((host, res));
         }
     }
     let mut reply = merge(r.request_id, results, "reload");
@@ -1114,6 +1120,7 @@ async fn ls(ctx: &Ctx, r: TargetRequest) -> Reply {
                     request_id: Uuid::new_v4(),
                     target: r.target.clone(),
                     pm_ids: vec![],
+                    parallel: 1,
                 }),
             )
         })

@@ -326,6 +326,16 @@ pub struct TargetRequest {
     /// sends them); ids this agent does not have are reported as `absent`, not as an error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pm_ids: Vec<u32>,
+    /// `reload`: how many instances at a time (default 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub parallel: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl TargetRequest {
@@ -335,6 +345,7 @@ impl TargetRequest {
             request_id: Uuid::new_v4(),
             target,
             pm_ids: vec![],
+            parallel: 1,
         }
     }
 }
