@@ -213,6 +213,9 @@ fn cluster_socket(
         .map_err(|e| (e.errno, e.error.message))
 }
 
+/// The change word of a reload of a process that shares no socket (a restart, as in pm2).
+pub const RELOADED_AS_RESTART: &str = "reloaded (a restart: it shares no listening socket)";
+
 /// The change word of a restart whose new run could not be spawned.
 const NOT_RESTARTED: &str = "not restarted: spawn failed";
 
@@ -1585,7 +1588,18 @@ impl Supervisor {
         }
     }
 
-    fn finish_op(&mut self, op: Op) {
+    fn finish_op(&mut self, mut op: Op) {
+        if op.until_online {
+            // pm2: a reload without a shared socket is a restart; say so.
+            for c in op.changes.iter_mut().filter(|c| c.what == "reloaded") {
+                if let Some(p) = self.procs.get(&c.pm_id)
+                    && p.sockets.is_empty()
+                    && p.cluster_sockets.is_empty()
+                {
+                    c.what = RELOADED_AS_RESTART.into();
+                }
+            }
+        }
         let mut reply = Reply::ok(Some(op.request_id), self.host());
         reply.processes = op
             .changes

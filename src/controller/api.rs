@@ -980,7 +980,9 @@ async fn reload(
         });
         for (host, res) in futures::future::join_all(asks).await {
             let failed = match &res {
-                Ok(x) => x.error.is_some() || x.changes.iter().any(|c| c.what != "reloaded"),
+                Ok(x) => {
+                    x.error.is_some() || x.changes.iter().any(|c| !c.what.starts_with("reloaded"))
+                }
                 Err(_) => true,
             };
             if failed {
@@ -994,7 +996,7 @@ async fn reload(
     let bad: Vec<String> = reply
         .changes
         .iter()
-        .filter(|c| c.what != "reloaded")
+        .filter(|c| !c.what.starts_with("reloaded"))
         .map(|c| format!("pm_id {}: {}", c.pm_id, c.what))
         .collect();
     if reply.error.is_none() && !bad.is_empty() {
