@@ -632,17 +632,33 @@ async fn two_controllers_share_the_api_and_both_show_in_info() {
 
 /// Asks a TCP server for its one-line answer.
 async fn ask_tcp(port: u16) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut c = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .expect("connected in time")
-        .expect("the socket accepts");
-    let mut out = String::new();
-    tokio::time::timeout(WAIT, c.read_to_string(&mut out))
+    tokio::time::timeout(WAIT, exchange(port, b""))
         .await
         .expect("an answer in time")
-        .unwrap();
-    out
+        .expect("the socket accepts and answers")
+}
+
+/// One HTTP GET, the whole answer.
+async fn ask_tcp_http(port: u16) -> String {
+    tokio::time::timeout(WAIT, try_http(port))
+        .await
+        .expect("an answer in time")
+        .expect("the socket accepts and answers")
+}
+
+/// One HTTP GET; errors are returned (refused, reset), not panics.
+async fn try_http(port: u16) -> std::io::Result<String> {
+    exchange(port, b"GET / HTTP/1.0\r\n\r\n").await
+}
+
+/// Connects, sends `send`, reads until the server closes.
+async fn exchange(port: u16, send: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    c.write_all(send).await?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).await?;
+    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -722,22 +738,6 @@ async fn listen_hands_one_socket_to_every_instance_in_any_language() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     drop(taken);
     fleet.stop().await;
-}
-
-/// One HTTP GET, the whole answer.
-async fn ask_tcp_http(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .expect("connected in time")
-        .expect("the socket accepts");
-    c.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(WAIT, c.read_to_string(&mut out))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -849,14 +849,4 @@ async fn reload_refuses_no_connection() {
     }
     let _ = env;
     fleet.stop().await;
-}
-
-/// One HTTP GET; errors are returned (refused, reset), not panics.
-async fn try_http(port: u16) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    c.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
-    let mut out = String::new();
-    c.read_to_string(&mut out).await?;
-    Ok(out)
 }
