@@ -15,6 +15,8 @@ pub struct Bound {
     /// Its address.
     pub addr: ListenAddr,
     fd: OwnedFd,
+    /// A unix socket's file as bound (device, inode): removed at the end only if still ours.
+    file: Option<(u64, u64)>,
 }
 
 impl Bound {
@@ -31,7 +33,10 @@ impl Bound {
 
 impl Drop for Bound {
     fn drop(&mut self) {
-        if let ListenAddr::Unix(p) = &self.addr {
+        use std::os::unix::fs::MetadataExt;
+        if let (ListenAddr::Unix(p), Some(ours)) = (&self.addr, self.file)
+            && std::fs::symlink_metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == ours)
+        {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -85,9 +90,19 @@ impl Sockets {
                 ),
             }
         })?;
+        let file = match addr {
+            ListenAddr::Unix(p) => {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::symlink_metadata(p)
+                    .ok()
+                    .map(|m| (m.dev(), m.ino()))
+            }
+            ListenAddr::Tcp { .. } => None,
+        };
         let b = Arc::new(Bound {
             addr: addr.clone(),
             fd,
+            file,
         });
         self.by_addr.insert(addr.clone(), Arc::downgrade(&b));
         Ok(b)
@@ -98,9 +113,17 @@ fn bind(addr: &ListenAddr) -> std::io::Result<OwnedFd> {
     match addr {
         ListenAddr::Tcp { host, port } => {
             let l = if host.is_empty() {
-                // Every address: IPv6 with IPv4 mapped (Linux's default), else IPv4 only.
-                std::net::TcpListener::bind(("::", *port))
-                    .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", *port)))?
+                // Every address: IPv6 with IPv4 mapped (Linux's default), else (no IPv6 on this
+                // host) IPv4 only. A port in use is an answer, not a reason to try IPv4.
+                match std::net::TcpListener::bind(("::", *port)) {
+                    Err(e)
+                        if e.kind() != std::io::ErrorKind::AddrInUse
+                            && e.kind() != std::io::ErrorKind::PermissionDenied =>
+                    {
+                        std::net::TcpListener::bind(("0.0.0.0", *port))?
+                    }
+                    other => other?,
+                }
             } else {
                 std::net::TcpListener::bind((host.as_str(), *port))?
             };
@@ -109,11 +132,8 @@ fn bind(addr: &ListenAddr) -> std::io::Result<OwnedFd> {
         ListenAddr::Unix(path) => {
             let l = match std::os::unix::net::UnixListener::bind(path) {
                 Ok(l) => l,
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    // A socket file nobody answers on is a leftover: replace it.
-                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                        return Err(e);
-                    }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && is_stale_socket(path) => {
+                    // A socket file nobody listens on any more is a leftover: replace it.
                     std::fs::remove_file(path)?;
                     std::os::unix::net::UnixListener::bind(path)?
                 }
@@ -122,6 +142,32 @@ fn bind(addr: &ListenAddr) -> std::io::Result<OwnedFd> {
             Ok(OwnedFd::from(l))
         }
     }
+}
+
+/// True for a unix socket file that refuses connections (its server is gone). Anything else (a
+/// regular file, a live socket, one we may not connect to) is left alone. The probe never
+/// blocks: a live server with a full backlog answers EAGAIN.
+fn is_stale_socket(path: &std::path::Path) -> bool {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::unix::fs::FileTypeExt;
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        return false;
+    }
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    matches!(
+        connect(fd.as_raw_fd(), &addr),
+        Err(nix::errno::Errno::ECONNREFUSED)
+    )
 }
 
 #[cfg(test)]
@@ -160,10 +206,14 @@ mod tests {
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         drop(held);
         assert!(!path.exists(), "the socket file goes with the socket");
-        // A leftover file is replaced.
-        std::fs::write(&path, "").unwrap();
+        // A leftover socket (its server gone) is replaced; a regular file is never touched.
+        let gone = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(gone); // the file stays, refusing connections
         let again = t.get(&u, "h").unwrap();
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         drop(again);
+        std::fs::write(&path, "precious").unwrap();
+        assert!(t.get(&u, "h").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
     }
 }

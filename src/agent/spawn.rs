@@ -171,7 +171,8 @@ pub struct Identity<'a> {
 }
 
 /// The worker's environment: the agent's own (less `FLOTILLA_*` settings, which may hold
-/// secrets, and Node channel variables), the app's `env`, then pm2's identity variables.
+/// secrets, Node channel variables and systemd's `LISTEN_*`, which are the agent's own), the
+/// app's `env`, then pm2's identity variables.
 pub fn environment(
     spec: &AppSpec,
     launch: &Launch,
@@ -183,7 +184,12 @@ pub fn environment(
             !k.starts_with("FLOTILLA_")
                 && !matches!(
                     k.as_ref(),
-                    "NODE_CHANNEL_FD" | "NODE_CHANNEL_SERIALIZATION_MODE" | "NODE_UNIQUE_ID"
+                    "NODE_CHANNEL_FD"
+                        | "NODE_CHANNEL_SERIALIZATION_MODE"
+                        | "NODE_UNIQUE_ID"
+                        | "LISTEN_FDS"
+                        | "LISTEN_PID"
+                        | "LISTEN_FDNAMES"
                 )
         })
         .collect();

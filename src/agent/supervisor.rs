@@ -177,6 +177,7 @@ fn cluster_socket(
     listen: &[Arc<super::sockets::Bound>],
     msg: &serde_json::Value,
     host: &str,
+    cwd: &std::path::Path,
 ) -> Result<Arc<super::sockets::Bound>, (i32, String)> {
     use crate::protocol::listen::ListenAddr;
     if let Some(fd) = msg.get("fd").and_then(|f| f.as_i64())
@@ -190,9 +191,22 @@ fn cluster_socket(
         });
     }
     let address = msg.get("address").and_then(|a| a.as_str()).unwrap_or("");
-    let kind = msg.get("addressType").and_then(|t| t.as_i64()).unwrap_or(4);
+    // A number: 4, 6 (TCP) or -1 (a unix path); "udp4"/"udp6" are dgram sockets.
+    let Some(kind) = msg.get("addressType").and_then(|t| t.as_i64()) else {
+        return Err((
+            libc::EAFNOSUPPORT,
+            "UDP sockets in cluster mode are not shared by the agent: bind them with `exclusive: true`, or run one instance".into(),
+        ));
+    };
     let addr = if kind == -1 {
-        ListenAddr::Unix(std::path::PathBuf::from(address))
+        if address.starts_with('\0') {
+            return Err((
+                libc::EAFNOSUPPORT,
+                "abstract unix sockets in cluster mode are not supported: use a path".into(),
+            ));
+        }
+        // Relative to the app, as if the worker had bound it itself.
+        ListenAddr::Unix(cwd.join(address))
     } else {
         let port = msg.get("port").and_then(|p| p.as_u64()).unwrap_or(0);
         let port = u16::try_from(port)
@@ -1313,6 +1327,11 @@ impl Supervisor {
     /// app (`EADDRINUSE`, ...).
     fn on_cluster(&mut self, pm_id: u32, run_gen: u64, msg: &serde_json::Value) {
         let host = self.cfg.host.clone();
+        let cwd = self
+            .procs
+            .get(&pm_id)
+            .map(|p| p.launch.cwd.clone())
+            .unwrap_or_default();
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
@@ -1351,7 +1370,7 @@ impl Supervisor {
                         "seq": our_seq
                     })
                 };
-                match cluster_socket(&mut self.sockets, &p.sockets, msg, &host) {
+                match cluster_socket(&mut self.sockets, &p.sockets, msg, &host, &cwd) {
                     Ok(bound) => {
                         let dup = bound.dup();
                         if !p.cluster_sockets.iter().any(|b| b.addr == bound.addr)
@@ -1381,12 +1400,16 @@ impl Supervisor {
             }
             _ => return,
         };
-        if writer.try_send(frame).is_err() {
-            tracing::warn!(
-                pm_id,
-                "the cluster reply could not be queued: the worker's channel is full or closed"
-            );
-        }
+        // Never dropped: Node's listen() waits for this answer with no timeout. The queue may be
+        // full of messages for a worker still starting, so wait for room off the actor.
+        self.cfg.tracker.spawn(async move {
+            if writer.send(frame).await.is_err() {
+                tracing::debug!(
+                    pm_id,
+                    "the worker closed its channel before its cluster reply"
+                );
+            }
+        });
     }
 
     fn signal_run(p: &Proc, sig: Signal) -> nix::Result<()> {
