@@ -850,3 +850,55 @@ async fn reload_refuses_no_connection() {
     let _ = env;
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_starts_the_new_worker_before_it_stops_the_old_one() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let client = fleet.nats.client().await;
+    let port = free_port();
+    let env = format!("PORT={port}");
+    let script = fixture("cluster_server.js");
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script.to_str().unwrap(),
+            "--name",
+            "solo",
+            "--env",
+            &env,
+            "--wait-ready",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let old = fleet.ls().await[0]["pid"].as_u64().unwrap();
+    let mut seen = Watch::new(&client, "pm.default.solo.>").await;
+    let (ok, out, err) = fleet.cli(&["reload", "solo", "--json"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("\"reloaded\""), "{out}");
+    // The new run is ready (listening) before the old one is told to stop ("bye" on SIGINT).
+    let mut ready_new = false;
+    seen.until("the old run's goodbye", |s| {
+        if event_name(s) == Some("ready") && s.env.process.pid as u64 != old {
+            ready_new = true;
+        }
+        let bye = s.subject.ends_with(".log:out")
+            && s.env.data.as_ref().and_then(|d| d.as_str()) == Some(format!("bye {old}").as_str());
+        if bye {
+            assert!(
+                ready_new,
+                "the old run stopped before the new one was ready"
+            );
+        }
+        bye
+    })
+    .await;
+    assert!(
+        await_pid_exit(old as i32, WAIT).await,
+        "the old run is gone"
+    );
+    let procs = fleet.ls().await;
+    assert_eq!(procs.len(), 1);
+    assert_ne!(procs[0]["pid"].as_u64().unwrap(), old);
+    assert_eq!(procs[0]["restart_time"], 1);
+    fleet.stop().await;
+}

@@ -83,6 +83,11 @@ enum Msg {
         pm_id: u32,
         generation: u64,
     },
+    /// The old run of a reload had its `kill_timeout`: SIGKILL if it still runs.
+    RetireKill {
+        pm_id: u32,
+        run_gen: u64,
+    },
 }
 
 /// Handle to the supervisor task.
@@ -270,6 +275,8 @@ struct Proc {
     instances: u32,
     /// Why the last spawn failed, if it did.
     spawn_error: Option<String>,
+    /// The old run of a reload, still serving until the new one is online, then stopped.
+    retiring: Option<(Run, u64)>,
     /// Sockets its Node cluster workers asked for (`listen(port)`), kept across its runs so a
     /// restart never closes them.
     cluster_sockets: Vec<Arc<super::sockets::Bound>>,
@@ -384,6 +391,19 @@ impl Supervisor {
                     }
                 }
                 Msg::KillTimeout { pm_id, run_gen } => self.on_kill_timeout(pm_id, run_gen),
+                Msg::RetireKill { pm_id, run_gen } => {
+                    if let Some(p) = self.procs.get(&pm_id)
+                        && let Some((old, g)) = &p.retiring
+                        && *g == run_gen
+                    {
+                        tracing::warn!(
+                            pm_id,
+                            pid = old.pid,
+                            "the old run of a reload is still running after kill_timeout: SIGKILL"
+                        );
+                        let _ = killpg(Pid::from_raw(old.pid as i32), Signal::SIGKILL);
+                    }
+                }
                 Msg::Watched {
                     pm_id,
                     generation,
@@ -433,7 +453,12 @@ impl Supervisor {
                     }
                 }
             }
-            if self.shutdown.is_some() && self.procs.values().all(|p| p.run.is_none()) {
+            if self.shutdown.is_some()
+                && self
+                    .procs
+                    .values()
+                    .all(|p| p.run.is_none() && p.retiring.is_none())
+            {
                 break;
             }
         }
@@ -1063,6 +1088,7 @@ impl Supervisor {
                 meter: CpuMeter::default(),
                 instances,
                 spawn_error: None,
+                retiring: None,
                 cluster_sockets: vec![],
                 sockets: vec![],
                 file_watch: None,
@@ -1276,6 +1302,9 @@ impl Supervisor {
                     p.relay.event(&EventFields::named("online"));
                 }
                 tracing::info!(pm_id, pid, app = %p.app, "worker online");
+                if p.meta.status == Status::Online {
+                    self.retire(pm_id);
+                }
             }
             Err(e) => {
                 let reason = format!(
@@ -1317,8 +1346,83 @@ impl Supervisor {
             }
             p.relay.event(&ev);
             let waiters = std::mem::take(&mut p.online_waiters);
+            self.retire(pm_id);
             self.settle(pm_id, waiters, "reloaded");
         }
+    }
+
+    /// True when a reload can start the new run before stopping the old one: it runs, and
+    /// shares its listening sockets through the agent (so both runs serve the same ones).
+    fn can_overlap(&self, pm_id: u32) -> bool {
+        self.procs.get(&pm_id).is_some_and(|p| {
+            p.run.is_some()
+                && p.retiring.is_none()
+                && p.meta.status == Status::Online
+                && (!p.sockets.is_empty() || !p.cluster_sockets.is_empty())
+        })
+    }
+
+    /// pm2's cluster reload: the new run starts while the old one serves; the old one is
+    /// stopped (kill signal, SIGKILL after `kill_timeout`) once the new one is online. Returns
+    /// false when the new run could not be spawned: the old one then keeps serving.
+    fn replace_run(&mut self, pm_id: u32, wtx: &mpsc::Sender<WorkerEvent>) -> bool {
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return false;
+        };
+        let Some(old) = p.run.take() else {
+            return false;
+        };
+        let old_gen = p.run_gen;
+        let old_meta = p.meta.clone();
+        p.retiring = Some((old, old_gen));
+        p.policy.reset(Instant::now());
+        p.meta.restart_time += 1;
+        p.after_stop = AfterStop::Nothing;
+        self.spawn_proc(pm_id, wtx);
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return false;
+        };
+        if p.run.is_none() {
+            // Put the old run back: it never stopped.
+            if let Some((old, g)) = p.retiring.take() {
+                p.run = Some(old);
+                p.run_gen = g;
+                p.meta = old_meta;
+                p.relay.set_meta(&p.meta);
+            }
+            return false;
+        }
+        self.emit(pm_id, EventFields::named("restart").manually(true));
+        true
+    }
+
+    /// Stops the old run of a reload, if there is one.
+    fn retire(&mut self, pm_id: u32) {
+        let tracker = self.cfg.tracker.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        let Some((old, g)) = &p.retiring else { return };
+        let sig = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT);
+        let pid = Pid::from_raw(old.pid as i32);
+        let sent = if p.spec.treekill {
+            killpg(pid, sig)
+        } else {
+            kill(pid, sig)
+        };
+        if let Err(e) = sent
+            && e != nix::errno::Errno::ESRCH
+        {
+            tracing::warn!(pm_id, "stopping the old run of a reload failed: {e}");
+        }
+        let run_gen = *g;
+        schedule(
+            &tracker,
+            &self.cfg.cancel,
+            &self.tx,
+            Instant::now() + p.spec.kill_timeout,
+            Msg::RetireKill { pm_id, run_gen },
+        );
     }
 
     /// Node's cluster protocol, the primary's side: a worker's `listen()` becomes a
@@ -1428,6 +1532,8 @@ impl Supervisor {
 
     /// Begins stopping one process; returns true when the caller must wait for its exit.
     fn stop_one(&mut self, pm_id: u32, after: AfterStop, op: Option<u64>) -> bool {
+        // The old run of a reload under way goes too.
+        self.retire(pm_id);
         let tracker = self.cfg.tracker.clone();
         let self_tx = self.tx.clone();
         let Some(p) = self.procs.get_mut(&pm_id) else {
@@ -1531,6 +1637,26 @@ impl Supervisor {
         };
         for id in ids {
             let was = self.procs[&id].meta.status;
+            if until_online && self.can_overlap(id) {
+                if !self.replace_run(id, wtx) {
+                    op.changes.push(Change {
+                        pm_id: id,
+                        what: "not reloaded: the new run could not be spawned; the old one keeps serving".into(),
+                    });
+                    continue;
+                }
+                match self.procs.get_mut(&id) {
+                    Some(p) if p.meta.status == Status::Launching => {
+                        p.online_waiters.push(op_id);
+                        op.waiting.insert(id);
+                    }
+                    _ => op.changes.push(Change {
+                        pm_id: id,
+                        what: "reloaded".into(),
+                    }),
+                }
+                continue;
+            }
             if self.stop_one(id, after, Some(op_id)) {
                 if after == AfterStop::Restart
                     && let Some(p) = self.procs.get_mut(&id)
@@ -1606,6 +1732,9 @@ impl Supervisor {
 
     fn delete_now(&mut self, pm_id: u32) {
         if let Some(p) = self.procs.remove(&pm_id) {
+            if let Some((old, _)) = &p.retiring {
+                let _ = killpg(Pid::from_raw(old.pid as i32), Signal::SIGKILL);
+            }
             p.relay.event(&EventFields::named("delete").manually(true));
             self.cfg.hub.retire(&p.relay);
         }
@@ -1675,6 +1804,12 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
+        if p.retiring.as_ref().is_some_and(|(_, g)| *g == run_gen) {
+            if let Some((old, _)) = p.retiring.take() {
+                tracing::info!(pm_id, pid = old.pid, "the old run of a reload exited");
+            }
+            return;
+        }
         if p.run_gen != run_gen || p.run.is_none() {
             return;
         }
