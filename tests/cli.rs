@@ -902,3 +902,63 @@ async fn reload_starts_the_new_worker_before_it_stops_the_old_one() {
     assert_eq!(procs[0]["restart_time"], 1);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let client = fleet.nats.client().await;
+    let port = free_port();
+    let env = format!("PORT={port}");
+    let script = fixture("slow_listen.js");
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script.to_str().unwrap(),
+            "--name",
+            "slow",
+            "-i",
+            "1",
+            "--env",
+            &env,
+            "--env",
+            "LISTEN_DELAY=800",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    // Serving before the reload.
+    let old = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(body) = try_http(port).await {
+                break body;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("serving in time");
+    let old_pid: i32 = old.lines().last().unwrap().trim().parse().unwrap();
+    let mut logs = Watch::new(&client, "pm.default.slow.log:out").await;
+    let reload = tokio::spawn({
+        let url = fleet.nats.url();
+        let home = fleet.cli_home.path().to_path_buf();
+        async move { run_cli(&home, &["--nats-url", &url, "reload", "slow"]).await }
+    });
+    // The new run has started but does not listen yet: the old one must still be serving.
+    logs.until("the new run starting", |s| {
+        s.env
+            .data
+            .as_ref()
+            .and_then(|d| d.as_str())
+            .is_some_and(|l| l.starts_with("starting ") && l != format!("starting {old_pid}"))
+    })
+    .await;
+    assert!(
+        pid_alive(old_pid),
+        "the old run was stopped before the new one listened"
+    );
+    let (ok, _, err) = reload.await.unwrap();
+    assert!(ok, "{err}");
+    assert!(await_pid_exit(old_pid, WAIT).await);
+    assert!(ask_tcp_http(port).await.contains("200 OK"));
+    fleet.stop().await;
+}

@@ -156,6 +156,15 @@ pub fn resolve(spec: &AppSpec, host: &str) -> Result<Launch, ControlError> {
     })
 }
 
+/// True for a Node script in cluster mode: its workers are Node cluster workers.
+pub fn is_node_cluster(launch: &Launch) -> bool {
+    launch.exec_mode == ExecMode::Cluster
+        && Path::new(&launch.interpreter)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n == "node" || n == "nodejs")
+}
+
 /// Identity of one instance, for its environment.
 pub struct Identity<'a> {
     /// pm_id
@@ -213,11 +222,7 @@ pub fn environment(
     for (k, v) in ids {
         env.insert(k.into(), v.into());
     }
-    let node = Path::new(&launch.interpreter)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n == "node" || n == "nodejs");
-    if launch.exec_mode == ExecMode::Cluster && node {
+    if is_node_cluster(launch) {
         // A Node cluster worker: its `listen(port)` asks us (its primary) for the socket
         // instead of binding it, so every instance serves the same port.
         env.insert("NODE_UNIQUE_ID".into(), id.pm_id.to_string().into());

@@ -88,6 +88,12 @@ enum Msg {
         pm_id: u32,
         run_gen: u64,
     },
+    /// A reloaded Node cluster worker did not say `listening` within `listen_timeout`: the
+    /// old run goes anyway (pm2's behaviour).
+    RetireDue {
+        pm_id: u32,
+        run_gen: u64,
+    },
 }
 
 /// Handle to the supervisor task.
@@ -391,6 +397,11 @@ impl Supervisor {
                     }
                 }
                 Msg::KillTimeout { pm_id, run_gen } => self.on_kill_timeout(pm_id, run_gen),
+                Msg::RetireDue { pm_id, run_gen } => {
+                    if self.procs.get(&pm_id).is_some_and(|p| p.run_gen == run_gen) {
+                        self.overlap_done(pm_id);
+                    }
+                }
                 Msg::RetireKill { pm_id, run_gen } => {
                     if let Some(p) = self.procs.get(&pm_id)
                         && let Some((old, g)) = &p.retiring
@@ -1302,8 +1313,21 @@ impl Supervisor {
                     p.relay.event(&EventFields::named("online"));
                 }
                 tracing::info!(pm_id, pid, app = %p.app, "worker online");
-                if p.meta.status == Status::Online {
-                    self.retire(pm_id);
+                if p.meta.status == Status::Online && p.retiring.is_some() {
+                    if spawn::is_node_cluster(&p.launch) {
+                        // A Node cluster worker serves once it says `listening` (pm2 waits
+                        // for that, or listen_timeout).
+                        let (run_gen, d) = (p.run_gen, p.spec.listen_timeout);
+                        schedule(
+                            &tracker,
+                            &cancel,
+                            &self_tx,
+                            Instant::now() + d,
+                            Msg::RetireDue { pm_id, run_gen },
+                        );
+                    } else {
+                        self.retire(pm_id);
+                    }
                 }
             }
             Err(e) => {
@@ -1396,6 +1420,20 @@ impl Supervisor {
         true
     }
 
+    /// The new run of a reloaded Node cluster worker listens (or had its listen_timeout): the
+    /// reload of this instance is done, and the old run goes.
+    fn overlap_done(&mut self, pm_id: u32) {
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        if p.retiring.is_none() {
+            return;
+        }
+        let waiters = std::mem::take(&mut p.online_waiters);
+        self.retire(pm_id);
+        self.settle(pm_id, waiters, "reloaded");
+    }
+
     /// Stops the old run of a reload, if there is one.
     fn retire(&mut self, pm_id: u32) {
         let tracker = self.cfg.tracker.clone();
@@ -1442,9 +1480,15 @@ impl Supervisor {
         if p.run_gen != run_gen {
             return;
         }
+        let act = msg.get("act").and_then(|a| a.as_str()).unwrap_or_default();
+        if act == "listening" {
+            if p.retiring.is_some() && p.meta.status == Status::Online {
+                self.overlap_done(pm_id);
+            }
+            return;
+        }
         let Some(run) = p.run.as_mut() else { return };
         let their_seq = msg.get("seq").cloned().unwrap_or(serde_json::Value::Null);
-        let act = msg.get("act").and_then(|a| a.as_str()).unwrap_or_default();
         let our_seq = run.cluster_seq;
         run.cluster_seq += 1;
         let writer = run.writer.clone();
@@ -1646,7 +1690,12 @@ impl Supervisor {
                     continue;
                 }
                 match self.procs.get_mut(&id) {
-                    Some(p) if p.meta.status == Status::Launching => {
+                    // Settled once online (ready), or for a Node cluster worker once it
+                    // listens while the old run is still there.
+                    Some(p)
+                        if p.meta.status == Status::Launching
+                            || (p.retiring.is_some() && spawn::is_node_cluster(&p.launch)) =>
+                    {
                         p.online_waiters.push(op_id);
                         op.waiting.insert(id);
                     }

@@ -249,13 +249,13 @@ async fn ipc_pump(
                 Frame::Line(line) => match classify(line) {
                     Ok(Classified::NodeInternal { cmd, raw }) => {
                         if cmd == "NODE_CLUSTER" {
-                            // The worker's side of Node's cluster protocol: `online`,
-                            // `listening` and `close` need no answer; the rest go to the
-                            // supervisor, which owns the listening sockets.
+                            // The worker's side of Node's cluster protocol: `online` and
+                            // `close` need no answer; the rest go to the supervisor, which owns
+                            // the listening sockets (`listening` ends a reload's overlap).
                             if let Ok(v) = serde_json::from_str::<serde_json::Value>(raw.get())
                                 && matches!(
                                     v.get("act").and_then(|a| a.as_str()),
-                                    Some("queryServer" | "exitedAfterDisconnect")
+                                    Some("queryServer" | "exitedAfterDisconnect" | "listening")
                                 )
                             {
                                 cluster.push(v);
