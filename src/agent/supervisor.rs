@@ -318,6 +318,8 @@ struct Supervisor {
     applied: Option<Assignment>,
     /// Listening sockets by address.
     sockets: super::sockets::Sockets,
+    /// The first cluster worker's `data` per queryServer key (echoed to every worker).
+    cluster_data: HashMap<String, serde_json::Value>,
 }
 
 /// Starts the supervisor task on the config's tracker.
@@ -339,6 +341,7 @@ pub fn start(cfg: SupervisorConfig) -> SupervisorHandle {
         agent_meter: CpuMeter::default(),
         applied: None,
         sockets: Default::default(),
+        cluster_data: HashMap::new(),
     };
     tracker.spawn(sup.run(rx, wtx));
     SupervisorHandle { tx }
@@ -1511,11 +1514,17 @@ impl Supervisor {
                     js(msg.get("fd")),
                     js(msg.get("index"))
                 );
+                // Node's primary hands every worker the first worker's `data` for a key (TLS
+                // session ticket keys), so they all resume each other's sessions.
+                let data = self
+                    .cluster_data
+                    .entry(key.clone())
+                    .or_insert_with(|| msg.get("data").cloned().unwrap_or_default())
+                    .clone();
                 let reply = |errno: i32| {
                     serde_json::json!({
                         "cmd": "NODE_CLUSTER", "errno": errno, "key": key, "ack": their_seq,
-                        "data": msg.get("data").cloned().unwrap_or(serde_json::Value::Null),
-                        "seq": our_seq
+                        "data": data, "seq": our_seq
                     })
                 };
                 match cluster_socket(&mut self.sockets, &p.sockets, msg, &host, &cwd) {
