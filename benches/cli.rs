@@ -23,6 +23,9 @@
 //! deadline, and everything the bench started is stopped at the end (`flotilla kill`,
 //! `pm2 kill`), on error and on Ctrl-C too. BENCHMARKS.md records a run and what it means.
 
+mod common;
+
+use common::machine;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -489,7 +492,13 @@ impl Bench {
             .ok()
             .map(|r| r.out.trim().lines().last().unwrap_or("?").to_string());
         self.pm2 = pm2_version.is_some();
-        println!("{}", machine(pm2_version.as_deref()));
+        println!(
+            "{}",
+            machine(&format!(
+                "; pm2 {}",
+                pm2_version.as_deref().unwrap_or("not installed")
+            ))
+        );
         println!(
             "app: {} (setInterval, exits on SIGINT); {WORKERS} workers per tool; {rounds} interleaved rounds; {ls_calls} calls per listing command",
             self.app_dir.join("app.js").display()
@@ -1187,54 +1196,6 @@ impl Samples {
                 .map_or(String::new(), |p| format!("; pm2 daemon {}", mib(p)))
         );
     }
-}
-
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(if o.stdout.is_empty() {
-                &o.stderr
-            } else {
-                &o.stdout
-            })
-            .trim()
-            .to_string()
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
-fn machine(pm2: Option<&str>) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "?".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let repo = env!("CARGO_MANIFEST_DIR");
-    let dirty = !command_line("git", &["-C", repo, "status", "--porcelain", "src"]).is_empty();
-    format!(
-        "date: {}\nflotilla: commit {}{}\nmachine: {cores} cores ({cpu}), Linux {kernel}; node {}; {}; pm2 {}",
-        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        command_line("git", &["-C", repo, "rev-parse", "--short", "HEAD"]),
-        if dirty {
-            " (src/ has uncommitted changes)"
-        } else {
-            ""
-        },
-        command_line("node", &["--version"]),
-        command_line("nats-server", &["--version"]),
-        pm2.unwrap_or("not installed"),
-    )
 }
 
 fn print_aligned(header: &[&str], rows: &[[String; 6]], right: &[bool]) {

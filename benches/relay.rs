@@ -19,8 +19,11 @@
 //! its own `nats-server` on a free loopback port and kills everything it started at the end.
 //! BENCHMARKS.md records a run and what the figures mean.
 
+mod common;
+
 use async_nats::{Client, ConnectOptions, HeaderMap, Subscriber};
 use bytes::Bytes;
+use common::machine;
 use flotilla::protocol::control::{AgentStats, SendRequest, StartRequest, TargetRequest};
 use flotilla::protocol::{AppSpec, Envelope, Reply, Request, Target};
 use futures::StreamExt;
@@ -552,23 +555,6 @@ fn tail(sorted: &[i64]) -> Option<[f64; 3]> {
 
 fn which(name: &str) -> Option<PathBuf> {
     flotilla::agent::spawn::which(name, None)
-}
-
-fn command_line(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(if o.stdout.is_empty() {
-                &o.stderr
-            } else {
-                &o.stdout
-            })
-            .trim()
-            .to_string()
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 /// Reads lines from a child's stdout, returning the first one for which `f` says yes.
@@ -1771,7 +1757,7 @@ async fn run() -> Res<()> {
         format!("{NODE_COMMON_JS}{PM2_SUB_JS}"),
     )?;
 
-    let machine = machine();
+    let machine = machine("");
     eprintln!("{machine}");
 
     // The agent and its NATS (idle while the Node ceiling and pm2 run).
@@ -2370,36 +2356,6 @@ fn paired(v: &[Measured], base: &[Measured]) -> String {
         .map(|(m, b)| format!("{:.2}x", m.rate() / b.rate()))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "?".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let repo = env!("CARGO_MANIFEST_DIR");
-    let dirty = !command_line("git", &["-C", repo, "status", "--porcelain", "src"]).is_empty();
-    format!(
-        "date: {}\nflotilla: commit {}{}\nmachine: {cores} cores ({cpu}), Linux {kernel}; node {}; {}",
-        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        command_line("git", &["-C", repo, "rev-parse", "--short", "HEAD"]),
-        if dirty {
-            " (src/ has uncommitted changes)"
-        } else {
-            ""
-        },
-        command_line("node", &["--version"]),
-        command_line("nats-server", &["--version"]),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
