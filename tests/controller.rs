@@ -6,7 +6,6 @@ use flotilla::protocol::control::{Reply, TargetRequest};
 use flotilla::protocol::state::ApiStartRequest;
 use flotilla::protocol::{AppSpec, Status, Target};
 use std::collections::BTreeMap;
-use std::time::Duration;
 use support::*;
 use uuid::Uuid;
 
@@ -23,36 +22,8 @@ async fn api(client: &async_nats::Client, verb: &str, body: Vec<u8>) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_places_instances_across_agents_and_ls_gathers_them() {
-    let nats = NatsServer::start();
-    let client = nats.client().await;
-    // The controller first, so it hears every heartbeat the test hears.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut s = flotilla::config::Settings::default();
-    s.nats.url = Some(nats.url());
-    s.host_lost_after = Duration::from_secs(10);
-    let mut beats = Watch::new(&client, "pm._fleet.*.host:heartbeat").await;
-    let ctl = tokio::spawn(flotilla::controller::run(s, async move {
-        let _ = stop_rx.await;
-    }));
-    // Its API answers once it is subscribed (it subscribes to heartbeats before the API).
-    // (A request gets "no responders" at once until then; bounded by WAIT.)
-    tokio::time::timeout(WAIT, async {
-        while client
-            .request("pmctl.api.nothing", "{}".into())
-            .await
-            .is_err()
-        {}
-    })
-    .await
-    .expect("the controller came up");
-    let a1 = TestAgent::start(&nats, "h1").await;
-    let a2 = TestAgent::start(&nats, "h2").await;
-    // A second heartbeat from each host: the controller has processed the first by then.
-    let mut count: BTreeMap<String, u32> = BTreeMap::new();
-    while count.values().filter(|&&n| n >= 2).count() < 2 {
-        let m = beats.next_raw().await;
-        *count.entry(m.subject.to_string()).or_default() += 1;
-    }
+    let fleet = Fleet::start(&["h1", "h2"]).await;
+    let client = fleet.nats.client().await;
     let mut events = Watch::new(&client, "pm.default.api.process:event").await;
     let mut app = AppSpec::new("api", fixture("chatty.js"));
     app.instances = Some(4);
@@ -63,9 +34,13 @@ async fn start_places_instances_across_agents_and_ls_gathers_them() {
         labels: BTreeMap::new(),
         force: false,
     };
-    let r = api(&client, "start", serde_json::to_vec(&req).unwrap()).await;
+    let body = serde_json::to_vec(&req).unwrap();
+    let r = api(&client, "start", body.clone()).await;
     assert!(r.error.is_none(), "{r:?}");
     assert_eq!(r.changes.len(), 4);
+    // The same request id again: the first reply, not a second start refused as a duplicate.
+    let repeated = api(&client, "start", body).await;
+    assert_eq!(repeated, r);
     let on = |h: &str| r.processes.iter().filter(|p| p.meta.host == h).count();
     assert_eq!((on("h1"), on("h2")), (2, 2), "spread over both hosts");
     let mut online = BTreeMap::new();
@@ -93,8 +68,5 @@ async fn start_places_instances_across_agents_and_ls_gathers_them() {
     let hosts: std::collections::BTreeSet<_> =
         r.processes.iter().map(|p| p.meta.host.clone()).collect();
     assert_eq!(hosts.len(), 2);
-    a1.stop().await.unwrap();
-    a2.stop().await.unwrap();
-    let _ = stop_tx.send(());
-    ctl.await.unwrap().unwrap();
+    fleet.stop().await;
 }
