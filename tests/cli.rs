@@ -910,6 +910,7 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
     let port = free_port();
     let env = format!("PORT={port}");
     let script = fixture("slow_listen.js");
+    let mut logs = Watch::new(&client, "pm.default.slow.log:out").await;
     let (ok, _, err) = fleet
         .cli(&[
             "start",
@@ -925,19 +926,17 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
         ])
         .await;
     assert!(ok, "{err}");
-    // Serving before the reload.
-    let old = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(body) = try_http(port).await {
-                break body;
-            }
-            tokio::task::yield_now().await;
-        }
+    // Serving before the reload: it says so once it listens.
+    logs.until("the first run listening", |s| {
+        s.env
+            .data
+            .as_ref()
+            .and_then(|d| d.as_str())
+            .is_some_and(|l| l.starts_with("listening "))
     })
-    .await
-    .expect("serving in time");
+    .await;
+    let old = ask_tcp_http(port).await;
     let old_pid: i32 = old.lines().last().unwrap().trim().parse().unwrap();
-    let mut logs = Watch::new(&client, "pm.default.slow.log:out").await;
     let reload = tokio::spawn({
         let url = fleet.nats.url();
         let home = fleet.cli_home.path().to_path_buf();
