@@ -783,6 +783,19 @@ async fn unmodified_node_servers_share_one_port_in_cluster_mode() {
     let (ok, _, err) = fleet.cli(&["restart", "web"]).await;
     assert!(ok, "{err}");
     assert!(ask_tcp_http(port).await.contains("200 OK"));
+    // A stopped app holds no port (connections are refused, as under pm2); start binds again.
+    let (ok, _, err) = fleet.cli(&["stop", "web"]).await;
+    assert!(ok, "{err}");
+    let refused = try_http(port).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    let (ok, _, err) = fleet.cli(&["start", "web", "--wait-ready"]).await;
+    assert!(ok, "{err}");
+    assert!(ask_tcp_http(port).await.contains("200 OK"));
     // A port someone else holds: the app sees Node's usual EADDRINUSE.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();
@@ -875,23 +888,26 @@ async fn reload_starts_the_new_worker_before_it_stops_the_old_one() {
     let (ok, out, err) = fleet.cli(&["reload", "solo", "--json"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("\"reloaded\""), "{out}");
-    // The new run is ready (listening) before the old one is told to stop ("bye" on SIGINT).
+    // The new run is ready (listening) before the old one stops; the old run's exit is its own
+    // event, with its own pid.
     let mut ready_new = false;
-    seen.until("the old run's goodbye", |s| {
-        if event_name(s) == Some("ready") && s.env.process.pid as u64 != old {
-            ready_new = true;
-        }
-        let bye = s.subject.ends_with(".log:out")
-            && s.env.data.as_ref().and_then(|d| d.as_str()) == Some(format!("bye {old}").as_str());
-        if bye {
-            assert!(
-                ready_new,
-                "the old run stopped before the new one was ready"
-            );
-        }
-        bye
-    })
-    .await;
+    let exit = seen
+        .until("the old run's exit", |s| {
+            if event_name(s) == Some("ready") && s.env.process.pid as u64 != old {
+                ready_new = true;
+            }
+            let gone = event_name(s) == Some("exit") && s.env.process.pid as u64 == old;
+            if gone {
+                assert!(
+                    ready_new,
+                    "the old run stopped before the new one was ready"
+                );
+            }
+            gone
+        })
+        .await;
+    // Told to disconnect, it closed its server and exited on its own.
+    assert_eq!(exit.env.event.unwrap().exit_code, Some(0));
     assert!(
         await_pid_exit(old as i32, WAIT).await,
         "the old run is gone"
@@ -959,5 +975,71 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
     assert!(ok, "{err}");
     assert!(await_pid_exit(old_pid, WAIT).await);
     assert!(ask_tcp_http(port).await.contains("200 OK"));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_lets_a_cluster_worker_finish_its_requests_as_nodes_primary_does() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = Fleet::start(&["web-1"]).await;
+    let client = fleet.nats.client().await;
+    let port = free_port();
+    let env = format!("PORT={port}");
+    let script = fixture("drain_server.js");
+    let mut seen = Watch::new(&client, "pm.default.drain.>").await;
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script.to_str().unwrap(),
+            "--name",
+            "drain",
+            "-i",
+            "1",
+            "--env",
+            &env,
+        ])
+        .await;
+    assert!(ok, "{err}");
+    // Serving: a plain request is answered (the worker listens).
+    let pid: u32 = loop {
+        match try_http(port).await {
+            Ok(body) if body.contains("200 OK") => {
+                break body.lines().last().unwrap().trim().parse().unwrap();
+            }
+            _ => {
+                seen.until("the worker listening", |s| {
+                    event_name(s) == Some("listening")
+                })
+                .await;
+            }
+        }
+    };
+    // A request in flight, answered only once the server has closed.
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    seen.until("the slow request arrived", |s| {
+        log_line(s).is_some_and(|l| l.starts_with("slow request "))
+    })
+    .await;
+    let (ok, _, err) = fleet.cli(&["stop", "drain"]).await;
+    assert!(ok, "{err}");
+    let mut answer = String::new();
+    let read = tokio::time::timeout(WAIT, c.read_to_string(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(_))) && answer.contains(&format!("finished after close {pid}")),
+        "the request in flight was lost: {read:?} {answer:?}"
+    );
+    let exit = seen
+        .until("its exit", |s| event_name(s) == Some("exit"))
+        .await;
+    assert_eq!(
+        exit.env.event.unwrap().exit_code,
+        Some(0),
+        "it exited on its own"
+    );
     fleet.stop().await;
 }

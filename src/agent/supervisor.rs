@@ -83,6 +83,12 @@ enum Msg {
         pm_id: u32,
         generation: u64,
     },
+    /// A run told to `disconnect` still has its channel open after `kill_timeout`: the kill
+    /// signal now.
+    DisconnectDue {
+        pm_id: u32,
+        run_gen: u64,
+    },
     /// The old run of a reload had its `kill_timeout`: SIGKILL if it still runs.
     RetireKill {
         pm_id: u32,
@@ -254,9 +260,122 @@ enum AfterStop {
 struct Run {
     pid: u32,
     writer: mpsc::Sender<OutFrame>,
+    /// Set once the run is asked to stop: when its group gets SIGKILL.
     stop_deadline: Option<Instant>,
+    /// A Node cluster worker told to `disconnect`: the kill signal follows once its channel
+    /// closes (its servers closed, its connections done), or after `kill_timeout`.
+    disconnecting: bool,
+    /// A Node cluster worker said `listening` at least once.
+    listened: bool,
     /// Our sequence number in Node's cluster protocol with this run.
     cluster_seq: u64,
+}
+
+/// A socket a Node cluster worker of a process listens on (Node's `SharedHandle`).
+struct ClusterSocket {
+    /// Node's key for it (`address:port:addressType:fd:index`).
+    key: String,
+    /// The run that asked for it last. A restart's new run takes over the old run's sockets
+    /// (they stay open across the gap); those it does not ask for again are let go once it
+    /// listens and the old run is gone.
+    run_gen: u64,
+    bound: Arc<super::sockets::Bound>,
+}
+
+/// The old run of a reload, serving until the new one is online.
+struct Retiring {
+    run: Run,
+    run_gen: u64,
+    /// Its metadata (its pid, its restart count), for its `exit` event.
+    meta: ProcessMeta,
+}
+
+/// How long a Node cluster worker that closed its channel after `disconnect` gets to exit on
+/// its own before the kill signal.
+const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How a run is first asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopWay {
+    /// Node's primary: `disconnect` (servers close, connections finish), then the kill signal.
+    Disconnect,
+    /// pm2's `shutdown_with_message`: the `'shutdown'` message instead of the signal.
+    Message,
+    /// The kill signal.
+    Signal,
+}
+
+fn stop_way(spec: &AppSpec, launch: &Launch) -> StopWay {
+    if spec.shutdown_with_message {
+        StopWay::Message
+    } else if spawn::is_node_cluster(launch) {
+        StopWay::Disconnect
+    } else {
+        StopWay::Signal
+    }
+}
+
+/// A process stopped for good lets its listening sockets go (the last one closes each), as
+/// pm2's stopped app refuses connections; `start` binds them again.
+fn release_sockets(p: &mut Proc) {
+    p.cluster_sockets.clear();
+    p.sockets.clear();
+}
+
+/// Sends `sig` to a run: its process group with `treekill` (pm2's default), else the worker.
+fn kill_run(pid: u32, treekill: bool, sig: Signal) -> nix::Result<()> {
+    let pid = Pid::from_raw(pid as i32);
+    let res = if treekill {
+        killpg(pid, sig)
+    } else {
+        kill(pid, sig)
+    };
+    match res {
+        Err(nix::errno::Errno::ESRCH) => Ok(()), // already gone: its exit is on the way
+        other => other,
+    }
+}
+
+/// Asks a run to stop the app's way; returns true when the kill signal (or the `'shutdown'`
+/// message) went out, so SIGKILL follows `kill_timeout` from now, and false while a Node
+/// cluster worker disconnects.
+fn ask_to_stop(pm_id: u32, run: &mut Run, spec: &AppSpec, launch: &Launch) -> bool {
+    let sig = signals::parse(&spec.kill_signal).unwrap_or(Signal::SIGINT);
+    match stop_way(spec, launch) {
+        StopWay::Disconnect => {
+            let seq = run.cluster_seq;
+            let line = cluster_line(serde_json::json!({
+                "cmd": "NODE_CLUSTER", "act": "disconnect", "seq": seq
+            }));
+            if run.writer.try_send(OutFrame::line(line)).is_ok() {
+                run.cluster_seq += 1;
+                run.disconnecting = true;
+                return false;
+            }
+            tracing::debug!(
+                pm_id,
+                "the worker's channel is full or closed: {sig} instead"
+            );
+        }
+        StopWay::Message => {
+            if run
+                .writer
+                .try_send(OutFrame::line(bytes::Bytes::from_static(b"\"shutdown\"\n")))
+                .is_ok()
+            {
+                return true;
+            }
+            tracing::warn!(
+                pm_id,
+                "the worker's channel is full or closed: {sig} instead of 'shutdown'"
+            );
+        }
+        StopWay::Signal => {}
+    }
+    if let Err(e) = kill_run(run.pid, spec.treekill, sig) {
+        tracing::warn!(pm_id, "sending {sig} failed: {e}");
+    }
+    true
 }
 
 struct Proc {
@@ -282,10 +401,10 @@ struct Proc {
     /// Why the last spawn failed, if it did.
     spawn_error: Option<String>,
     /// The old run of a reload, still serving until the new one is online, then stopped.
-    retiring: Option<(Run, u64)>,
+    retiring: Option<Retiring>,
     /// Sockets its Node cluster workers asked for (`listen(port)`), kept across its runs so a
     /// restart never closes them.
-    cluster_sockets: Vec<Arc<super::sockets::Bound>>,
+    cluster_sockets: Vec<ClusterSocket>,
     /// The app's listening sockets (`listen`), held while the process exists.
     sockets: Vec<Arc<super::sockets::Bound>>,
     /// The file watch (pm2 `watch`), and what it was made from.
@@ -400,6 +519,10 @@ impl Supervisor {
                     }
                 }
                 Msg::KillTimeout { pm_id, run_gen } => self.on_kill_timeout(pm_id, run_gen),
+                Msg::DisconnectDue { pm_id, run_gen } => self.disconnected(pm_id, run_gen),
+                Msg::Worker(WorkerEvent::ChannelClosed { pm_id, run_gen }) => {
+                    self.channel_closed(pm_id, run_gen)
+                }
                 Msg::RetireDue { pm_id, run_gen } => {
                     if self.procs.get(&pm_id).is_some_and(|p| p.run_gen == run_gen) {
                         self.overlap_done(pm_id);
@@ -407,8 +530,8 @@ impl Supervisor {
                 }
                 Msg::RetireKill { pm_id, run_gen } => {
                     if let Some(p) = self.procs.get(&pm_id)
-                        && let Some((old, g)) = &p.retiring
-                        && *g == run_gen
+                        && let Some(Retiring { run: old, .. }) =
+                            p.retiring.as_ref().filter(|r| r.run_gen == run_gen)
                     {
                         tracing::warn!(
                             pm_id,
@@ -1286,6 +1409,8 @@ impl Supervisor {
                     pid,
                     writer,
                     stop_deadline: None,
+                    disconnecting: false,
+                    listened: false,
                     cluster_seq: 0,
                 });
                 p.policy.started(Instant::now());
@@ -1401,7 +1526,11 @@ impl Supervisor {
         };
         let old_gen = p.run_gen;
         let old_meta = p.meta.clone();
-        p.retiring = Some((old, old_gen));
+        p.retiring = Some(Retiring {
+            run: old,
+            run_gen: old_gen,
+            meta: old_meta.clone(),
+        });
         p.policy.reset(Instant::now());
         p.meta.restart_time += 1;
         p.after_stop = AfterStop::Nothing;
@@ -1411,9 +1540,9 @@ impl Supervisor {
         };
         if p.run.is_none() {
             // Put the old run back: it never stopped.
-            if let Some((old, g)) = p.retiring.take() {
-                p.run = Some(old);
-                p.run_gen = g;
+            if let Some(r) = p.retiring.take() {
+                p.run = Some(r.run);
+                p.run_gen = r.run_gen;
                 p.meta = old_meta;
                 p.relay.set_meta(&p.meta);
             }
@@ -1443,27 +1572,66 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
-        let Some((old, g)) = &p.retiring else { return };
-        let sig = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT);
-        let pid = Pid::from_raw(old.pid as i32);
-        let sent = if p.spec.treekill {
-            killpg(pid, sig)
-        } else {
-            kill(pid, sig)
-        };
-        if let Err(e) = sent
-            && e != nix::errno::Errno::ESRCH
-        {
-            tracing::warn!(pm_id, "stopping the old run of a reload failed: {e}");
+        let Some(r) = p.retiring.as_mut() else { return };
+        if r.run.stop_deadline.is_some() {
+            return; // already asked
         }
-        let run_gen = *g;
-        schedule(
-            &tracker,
-            &self.cfg.cancel,
-            &self.tx,
-            Instant::now() + p.spec.kill_timeout,
-            Msg::RetireKill { pm_id, run_gen },
-        );
+        let deadline = Instant::now() + p.spec.kill_timeout;
+        r.run.stop_deadline = Some(deadline);
+        let run_gen = r.run_gen;
+        let msg = if ask_to_stop(pm_id, &mut r.run, &p.spec, &p.launch) {
+            Msg::RetireKill { pm_id, run_gen }
+        } else {
+            Msg::DisconnectDue { pm_id, run_gen }
+        };
+        schedule(&tracker, &self.cfg.cancel, &self.tx, deadline, msg);
+    }
+
+    /// A run told to `disconnect` closed its channel: its servers are closed and its
+    /// connections done. It usually exits on its own now; the kill signal follows a moment
+    /// later for one kept alive by other work. (Node's primary signals at once, which kills most
+    /// workers during their own clean exit and hides their exit code.)
+    fn channel_closed(&mut self, pm_id: u32, run_gen: u64) {
+        let Some(p) = self.procs.get(&pm_id) else {
+            return;
+        };
+        let disconnecting = match (&p.run, &p.retiring) {
+            (Some(run), _) if p.run_gen == run_gen => run.disconnecting,
+            (_, Some(r)) if r.run_gen == run_gen => r.run.disconnecting,
+            _ => false,
+        };
+        if disconnecting {
+            let at = Instant::now() + DISCONNECT_GRACE.min(p.spec.kill_timeout);
+            let msg = Msg::DisconnectDue { pm_id, run_gen };
+            schedule(&self.cfg.tracker, &self.cfg.cancel, &self.tx, at, msg);
+        }
+    }
+
+    /// A run told to `disconnect` is still running a moment after its channel closed, or
+    /// `kill_timeout` after the `disconnect`: the kill signal, and SIGKILL after `kill_timeout`.
+    fn disconnected(&mut self, pm_id: u32, run_gen: u64) {
+        let tracker = self.cfg.tracker.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        let (run, msg) = match (&mut p.run, &mut p.retiring) {
+            (Some(run), _) if p.run_gen == run_gen => (run, Msg::KillTimeout { pm_id, run_gen }),
+            (_, Some(r)) if r.run_gen == run_gen => {
+                (&mut r.run, Msg::RetireKill { pm_id, run_gen })
+            }
+            _ => return,
+        };
+        if !run.disconnecting {
+            return;
+        }
+        run.disconnecting = false;
+        let sig = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT);
+        if let Err(e) = kill_run(run.pid, p.spec.treekill, sig) {
+            tracing::warn!(pm_id, "sending {sig} failed: {e}");
+        }
+        let deadline = Instant::now() + p.spec.kill_timeout;
+        run.stop_deadline = Some(deadline);
+        schedule(&tracker, &self.cfg.cancel, &self.tx, deadline, msg);
     }
 
     /// Node's cluster protocol, the primary's side: a worker's `listen()` becomes a
@@ -1485,8 +1653,32 @@ impl Supervisor {
         }
         let act = msg.get("act").and_then(|a| a.as_str()).unwrap_or_default();
         if act == "listening" {
+            let what = match (msg.get("addressType"), msg.get("address"), msg.get("port")) {
+                (Some(t), Some(serde_json::Value::String(path)), _) if t == -1 => path.clone(),
+                (_, Some(serde_json::Value::String(a)), Some(port)) => format!("{a}:{port}"),
+                (_, _, Some(port)) => format!("port {port}"),
+                _ => "a socket".into(),
+            };
+            p.relay
+                .event(&EventFields::named("listening").reason(format!("listening on {what}")));
+            if let Some(run) = p.run.as_mut() {
+                run.listened = true;
+            }
+            let old = p.retiring.as_ref().map(|r| r.run_gen);
+            p.cluster_sockets
+                .retain(|c| c.run_gen >= run_gen || Some(c.run_gen) == old);
             if p.retiring.is_some() && p.meta.status == Status::Online {
                 self.overlap_done(pm_id);
+            }
+            return;
+        }
+        if act == "close" {
+            // The app closed a server (`server.close()`): Node's primary lets the socket go
+            // once no worker has it; one stopping hands its sockets to the next run instead.
+            let key = msg.get("key").and_then(|k| k.as_str()).unwrap_or_default();
+            if matches!(p.meta.status, Status::Online | Status::Launching) {
+                p.cluster_sockets
+                    .retain(|c| !(c.key == key && c.run_gen == run_gen));
             }
             return;
         }
@@ -1530,10 +1722,19 @@ impl Supervisor {
                 match cluster_socket(&mut self.sockets, &p.sockets, msg, &host, &cwd) {
                     Ok(bound) => {
                         let dup = bound.dup();
-                        if !p.cluster_sockets.iter().any(|b| b.addr == bound.addr)
-                            && !p.sockets.iter().any(|b| b.addr == bound.addr)
-                        {
-                            p.cluster_sockets.push(bound);
+                        match p.cluster_sockets.iter_mut().find(|c| c.key == key) {
+                            Some(c) => {
+                                c.run_gen = run_gen;
+                                c.bound = bound;
+                            }
+                            None if !p.sockets.iter().any(|b| b.addr == bound.addr) => {
+                                p.cluster_sockets.push(ClusterSocket {
+                                    key: key.clone(),
+                                    run_gen,
+                                    bound,
+                                });
+                            }
+                            None => {}
                         }
                         match dup {
                             Ok(fd) => OutFrame {
@@ -1569,20 +1770,6 @@ impl Supervisor {
         });
     }
 
-    fn signal_run(p: &Proc, sig: Signal) -> nix::Result<()> {
-        let Some(run) = &p.run else { return Ok(()) };
-        let pid = Pid::from_raw(run.pid as i32);
-        let res = if p.spec.treekill {
-            killpg(pid, sig)
-        } else {
-            kill(pid, sig)
-        };
-        match res {
-            Err(nix::errno::Errno::ESRCH) => Ok(()), // already gone: its exit is on the way
-            other => other,
-        }
-    }
-
     /// Begins stopping one process; returns true when the caller must wait for its exit.
     fn stop_one(&mut self, pm_id: u32, after: AfterStop, op: Option<u64>) -> bool {
         // The old run of a reload under way goes too.
@@ -1604,22 +1791,21 @@ impl Supervisor {
             Status::Launching | Status::Online => {
                 p.meta.status = Status::Stopping;
                 p.relay.set_meta(&p.meta);
-                let sig = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT);
-                if let Err(e) = Self::signal_run(p, sig) {
-                    tracing::warn!(pm_id, "sending {sig} failed: {e}");
-                }
                 let deadline = Instant::now() + p.spec.kill_timeout;
-                if let Some(run) = p.run.as_mut() {
-                    run.stop_deadline = Some(deadline);
-                }
                 let run_gen = p.run_gen;
-                schedule(
-                    &tracker,
-                    &self.cfg.cancel,
-                    &self_tx,
-                    deadline,
-                    Msg::KillTimeout { pm_id, run_gen },
-                );
+                let signalled = match p.run.as_mut() {
+                    Some(run) => {
+                        run.stop_deadline = Some(deadline);
+                        ask_to_stop(pm_id, run, &p.spec, &p.launch)
+                    }
+                    None => true,
+                };
+                let msg = if signalled {
+                    Msg::KillTimeout { pm_id, run_gen }
+                } else {
+                    Msg::DisconnectDue { pm_id, run_gen }
+                };
+                schedule(&tracker, &self.cfg.cancel, &self_tx, deadline, msg);
                 p.waiters.extend(op);
                 true
             }
@@ -1632,6 +1818,9 @@ impl Supervisor {
                     p.run_gen += 1; // cancels the pending restart
                     p.meta.status = Status::Stopped;
                     p.relay.set_meta(&p.meta);
+                }
+                if after == AfterStop::Nothing {
+                    release_sockets(p);
                 }
                 false
             }
@@ -1790,8 +1979,8 @@ impl Supervisor {
 
     fn delete_now(&mut self, pm_id: u32) {
         if let Some(p) = self.procs.remove(&pm_id) {
-            if let Some((old, _)) = &p.retiring {
-                let _ = killpg(Pid::from_raw(old.pid as i32), Signal::SIGKILL);
+            if let Some(r) = &p.retiring {
+                let _ = killpg(Pid::from_raw(r.run.pid as i32), Signal::SIGKILL);
             }
             p.relay.event(&EventFields::named("delete").manually(true));
             self.cfg.hub.retire(&p.relay);
@@ -1862,9 +2051,29 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
-        if p.retiring.as_ref().is_some_and(|(_, g)| *g == run_gen) {
-            if let Some((old, _)) = p.retiring.take() {
-                tracing::info!(pm_id, pid = old.pid, "the old run of a reload exited");
+        if p.retiring.as_ref().is_some_and(|r| r.run_gen == run_gen) {
+            if let Some(r) = p.retiring.take() {
+                tracing::info!(pm_id, pid = r.run.pid, "the old run of a reload exited");
+                if p.run.as_ref().is_some_and(|run| run.listened) {
+                    let current = p.run_gen;
+                    p.cluster_sockets.retain(|c| c.run_gen >= current);
+                }
+                // Its own exit event, with its own pid: nobody should think the new run died.
+                let mut meta = r.meta;
+                meta.status = Status::Stopped;
+                meta.pid = r.run.pid;
+                let relay = self.cfg.hub.worker(&p.app, &meta);
+                let (code, signal) = match &status {
+                    Ok(s) => (s.code(), s.signal().map(signals::name)),
+                    Err(_) => (None, None),
+                };
+                relay.event(&EventFields {
+                    exit_code: code,
+                    signal,
+                    manually: Some(true),
+                    ..EventFields::named("exit")
+                });
+                self.cfg.hub.retire(&relay);
             }
             return;
         }
@@ -1922,6 +2131,7 @@ impl Supervisor {
             let announce_stop = std::mem::take(&mut p.announce_stop);
             match after {
                 AfterStop::Nothing => {
+                    release_sockets(p);
                     if !waiters.is_empty() || announce_stop {
                         p.relay.event(&EventFields::named("stop").manually(true));
                     }
@@ -1978,11 +2188,13 @@ impl Supervisor {
                     p.spec.min_uptime.as_millis()
                 )));
                 p.relay.event(&exit_ev);
+                release_sockets(p);
             }
             Decision::Stop => {
                 p.meta.status = Status::Stopped;
                 p.relay.set_meta(&p.meta);
                 p.relay.event(&exit_ev);
+                release_sockets(p);
             }
             Decision::Restart(delay) => {
                 if delay.is_zero() {

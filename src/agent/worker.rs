@@ -39,6 +39,13 @@ pub enum WorkerEvent {
         /// run generation
         run_gen: u64,
     },
+    /// The worker's IPC channel closed (a Node cluster worker told to `disconnect` is done).
+    ChannelClosed {
+        /// pm_id
+        pm_id: u32,
+        /// run generation
+        run_gen: u64,
+    },
     /// A Node cluster worker asked its primary (us) something that needs an answer
     /// (`queryServer`: a listening socket; `exitedAfterDisconnect`).
     Cluster {
@@ -249,13 +256,17 @@ async fn ipc_pump(
                 Frame::Line(line) => match classify(line) {
                     Ok(Classified::NodeInternal { cmd, raw }) => {
                         if cmd == "NODE_CLUSTER" {
-                            // The worker's side of Node's cluster protocol: `online` and
-                            // `close` need no answer; the rest go to the supervisor, which owns
-                            // the listening sockets (`listening` ends a reload's overlap).
+                            // The worker's side of Node's cluster protocol: `online` needs no
+                            // answer; the rest go to the supervisor, which owns the listening
+                            // sockets (`listening` ends a reload's overlap, `close` lets a
+                            // socket go).
                             if let Ok(v) = serde_json::from_str::<serde_json::Value>(raw.get())
                                 && matches!(
                                     v.get("act").and_then(|a| a.as_str()),
-                                    Some("queryServer" | "exitedAfterDisconnect" | "listening")
+                                    Some(
+                                        "queryServer" | "exitedAfterDisconnect" | "listening"
+                                            | "close"
+                                    )
                                 )
                             {
                                 cluster.push(v);
@@ -324,4 +335,7 @@ async fn ipc_pump(
             }
         }
     }
+    let _ = events
+        .send(WorkerEvent::ChannelClosed { pm_id, run_gen })
+        .await;
 }

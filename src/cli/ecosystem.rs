@@ -72,7 +72,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("source_map_support", "pm2-specific"),
     ("autostart", "not supported yet"),
     ("increment_var", "not supported yet"),
-    ("shutdown_with_message", "not supported yet"),
     ("uid", "not supported yet"),
     ("gid", "not supported yet"),
     ("user", "not supported yet"),
@@ -312,6 +311,9 @@ fn convert(
             "autorestart" => spec.autorestart = flag(value).ok_or_else(|| bad(key, "true or false"))?,
             "wait_ready" => spec.wait_ready = flag(value).ok_or_else(|| bad(key, "true or false"))?,
             "treekill" => spec.treekill = flag(value).ok_or_else(|| bad(key, "true or false"))?,
+            "shutdown_with_message" => {
+                spec.shutdown_with_message = flag(value).ok_or_else(|| bad(key, "true or false"))?
+            }
             "max_restarts" => {
                 spec.max_restarts = value
                     .as_u64()

@@ -150,6 +150,13 @@ pub struct StartArgs {
     /// Grace between the stop signal and SIGKILL (default 1600ms).
     #[arg(long, value_parser = crate::protocol::duration::parse)]
     pub kill_timeout: Option<Duration>,
+    /// With --wait-ready: how long to wait for 'ready' (default 3s); also how long a reload
+    /// waits for a Node cluster worker to listen.
+    #[arg(long, value_parser = crate::protocol::duration::parse)]
+    pub listen_timeout: Option<Duration>,
+    /// Stop by sending the 'shutdown' message instead of the kill signal (pm2's option).
+    #[arg(long)]
+    pub shutdown_with_message: bool,
     /// Restart on a cron schedule ('0 3 * * *'; 6 fields: seconds first).
     #[arg(long, value_name = "EXPR")]
     pub cron_restart: Option<String>,

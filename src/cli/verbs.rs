@@ -103,8 +103,34 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
             if let Ok(t) = Target::parse(&a.script) {
                 let client = Client::connect(settings).await?;
                 let r = TargetRequest::new(t.clone());
+                // Subscribed before asking: every `online` is seen.
+                let mut watch = client
+                    .nats
+                    .subscribe(format!("{}.*.*.process:event", client.subjects.prefix()))
+                    .await
+                    .context("cannot watch the app's events")?;
+                client
+                    .nats
+                    .flush()
+                    .await
+                    .context("NATS did not take the subscription")?;
                 match client.api("restart", &r, SETTLE_WITHIN).await {
-                    Ok(reply) => return after_action(&client, "start", &reply, a.json).await,
+                    Ok(reply) => {
+                        // As for a new app: done when every instance is online (ready).
+                        let ids: BTreeSet<u32> = reply.changes.iter().map(|c| c.pm_id).collect();
+                        let mut state: BTreeMap<u32, Status> = reply
+                            .processes
+                            .iter()
+                            .map(|p| (p.meta.pm_id, p.meta.status))
+                            .collect();
+                        let mut progress = Line::new();
+                        let label = t.to_string();
+                        let waited =
+                            wait_online(&mut watch, &ids, &mut state, &label, &mut progress).await;
+                        progress.done();
+                        after_action(&client, "start", &reply, a.json).await?;
+                        return waited.map_err(|e| anyhow::anyhow!("{e}"));
+                    }
                     Err(e) if e.to_string().starts_with("no app or process matches") => {}
                     Err(e) => return Err(e),
                 }
@@ -164,6 +190,10 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
         if let Some(d) = a.kill_timeout {
             spec.kill_timeout = d;
         }
+        if let Some(d) = a.listen_timeout {
+            spec.listen_timeout = d;
+        }
+        spec.shutdown_with_message = a.shutdown_with_message;
         spec.cron_restart = a.cron_restart.clone();
         spec.listen = a.listen.clone();
         if a.watch {
@@ -225,7 +255,8 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
             .iter()
             .map(|p| (p.meta.pm_id, p.meta.status))
             .collect();
-        match wait_online(&mut watch, &ids, &mut state, &app, &mut progress).await {
+        let label = app.to_string();
+        match wait_online(&mut watch, &ids, &mut state, &label, &mut progress).await {
             Ok(()) => {}
             Err(e) => failures.push(e),
         }
@@ -273,7 +304,7 @@ async fn wait_online(
     watch: &mut async_nats::Subscriber,
     ids: &BTreeSet<u32>,
     state: &mut BTreeMap<u32, Status>,
-    app: &AppKey,
+    app: &str,
     progress: &mut Line,
 ) -> Result<(), String> {
     let mut failed: BTreeMap<u32, String> = BTreeMap::new();
@@ -334,7 +365,7 @@ async fn wait_online(
             "{app}: pm_id {} not online within {} s: `flotilla logs {}` shows why",
             late.join(", "),
             START_WITHIN.as_secs(),
-            app.name()
+            app.rsplit('/').next().unwrap_or(app)
         ));
     }
     if failed.is_empty() {

@@ -232,6 +232,10 @@ pub struct AppSpec {
     /// Signal sent to stop (pm2: SIGINT).
     #[serde(default = "default_kill_signal")]
     pub kill_signal: String,
+    /// Stop by sending the worker the `'shutdown'` message instead of the kill signal (pm2
+    /// `shutdown_with_message`); SIGKILL still follows `kill_timeout`.
+    #[serde(default)]
+    pub shutdown_with_message: bool,
     /// Signal the whole process group (pm2 `treekill`, default true); false signals the worker only.
     #[serde(default = "default_true")]
     pub treekill: bool,

@@ -404,6 +404,14 @@ pub fn event_name(s: &Seen) -> Option<&str> {
     s.env.event.as_ref().map(|e| e.event.as_str())
 }
 
+/// The text of a seen log line (`log:out` / `log:err`), if it is one.
+pub fn log_line(s: &Seen) -> Option<&str> {
+    if !s.subject.contains(".log:") {
+        return None;
+    }
+    s.env.data.as_ref().and_then(|d| d.as_str())
+}
+
 /// Waits for a process (not our child) to exit, with pidfd (an event, not polling).
 pub async fn await_pid_exit(pid: i32, within: Duration) -> bool {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
