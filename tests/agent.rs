@@ -934,8 +934,7 @@ async fn the_agent_converges_to_its_assignment_in_kv_and_keeps_a_local_copy() {
         .update("assign.conv", assign(vec![app(&[10, 11], true)]))
         .await
         .unwrap();
-    ev.event(10, "online").await;
-    ev.event(11, "online").await;
+    ev.all_online(&[10, 11]).await;
     let local = flotilla::agent::local::load(&agent.home.path().join("assignment.json"))
         .unwrap()
         .expect("a local copy");

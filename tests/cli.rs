@@ -801,13 +801,48 @@ async fn unmodified_node_servers_share_one_port_in_cluster_mode() {
     let taken_port = taken.local_addr().unwrap().port();
     let mut errors = Watch::new(&client, "pm.default.clash.listen:error").await;
     let env = format!("PORT={taken_port}");
-    let _ = fleet
+    let (ok, _, err) = fleet
         .cli(&["start", script, "--name", "clash", "-i", "2", "--env", &env])
         .await;
     let e = errors.until("EADDRINUSE in the app", |_| true).await;
     assert_eq!(e.env.data.unwrap()["code"], "EADDRINUSE");
+    // The CLI says so: which instances, which port, where, and what to do.
+    assert!(!ok, "a start whose workers cannot listen fails");
+    let line = &err;
+    assert!(
+        line.contains("clash: pm_id")
+            && line.contains("cannot listen")
+            && line.contains(&format!(":{taken_port}"))
+            && line.contains("on host web-1")
+            && line.contains("another process listens there"),
+        "{err}"
+    );
     drop(taken);
     fleet.stop().await;
+}
+
+/// A client asking over HTTP in a loop until told to stop: (answered, failures).
+fn hammer(
+    port: u16,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<(u32, Vec<String>)>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut ok, mut failed) = (0u32, vec![]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 100_000 {
+                match tokio::time::timeout(WAIT, try_http(port)).await {
+                    Ok(Ok(body)) if body.contains("200 OK") => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }
+    });
+    (stop, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -834,20 +869,7 @@ async fn reload_refuses_no_connection() {
             .await;
         assert!(ok, "{err}");
         // A client asks in a loop while the app reloads; every request must be answered.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hammer = tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                let (mut ok, mut failed) = (0u32, vec![]);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 100_000 {
-                    match tokio::time::timeout(WAIT, try_http(port)).await {
-                        Ok(Ok(body)) if body.contains("200 OK") => ok += 1,
-                        other => failed.push(format!("{other:?}")),
-                    }
-                }
-                (ok, failed)
-            }
-        });
+        let (stop, hammer) = hammer(port);
         let (ok, _, err) = fleet.cli(&["reload", name]).await;
         assert!(ok, "{err}");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1041,5 +1063,122 @@ async fn stop_lets_a_cluster_worker_finish_its_requests_as_nodes_primary_does() 
         Some(0),
         "it exited on its own"
     );
+    fleet.stop().await;
+}
+
+/// The Node binaries the cluster tests run on: the system `node`, then those named in
+/// FLOTILLA_TEST_NODES (':'-separated; scripts/test fetches Node 22 and 24 and sets it), else
+/// any under ~/.cache/flotilla/nodes. Each with its `--version`.
+fn node_binaries() -> Vec<(String, String)> {
+    let mut paths = vec!["node".to_string()];
+    match std::env::var("FLOTILLA_TEST_NODES") {
+        Ok(list) => paths.extend(list.split(':').filter(|p| !p.is_empty()).map(String::from)),
+        Err(_) => {
+            let dir = std::path::Path::new(&std::env::var("HOME").unwrap_or_default())
+                .join(".cache/flotilla/nodes");
+            let mut found: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("bin/node"))
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .collect();
+            found.sort();
+            paths.extend(found);
+        }
+    }
+    let mut out: Vec<(String, String)> = vec![];
+    for p in paths {
+        let v = std::process::Command::new(&p)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("{p} --version: {e}"));
+        let v = String::from_utf8_lossy(&v.stdout).trim().to_string();
+        if !out.iter().any(|(seen, _)| *seen == v) {
+            out.push((v, p));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_works_on_every_node_major_here() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let script = fixture("cluster_server.js");
+    let nodes = node_binaries();
+    eprintln!(
+        "cluster mode on Node {:?}",
+        nodes.iter().map(|(v, _)| v).collect::<Vec<_>>()
+    );
+    for (version, node) in &nodes {
+        let major = version.trim_start_matches('v').split('.').next().unwrap();
+        let name = format!("web{major}");
+        let port = free_port();
+        let env = format!("PORT={port}");
+        let (ok, _, err) = fleet
+            .cli(&[
+                "start",
+                script.to_str().unwrap(),
+                "--name",
+                &name,
+                "-i",
+                "2",
+                "--interpreter",
+                node,
+                "--env",
+                &env,
+                "--wait-ready",
+            ])
+            .await;
+        assert!(ok, "Node {version}: {err}");
+        // Both workers listen on the one port (each sent 'ready' from its listen callback), and
+        // it is this Node that answers.
+        let procs: Vec<Value> = fleet
+            .ls()
+            .await
+            .into_iter()
+            .filter(|p| p["name"] == name.as_str())
+            .collect();
+        assert_eq!(
+            by_status(&procs, "online").len(),
+            2,
+            "Node {version}: {procs:?}"
+        );
+        for _ in 0..10 {
+            let got = ask_tcp_http(port).await;
+            let body = got.lines().last().unwrap_or_default();
+            assert!(body.ends_with(version.as_str()), "Node {version}: {got}");
+        }
+        // Reload under load: nothing refused, nothing reset.
+        let (stop, load) = hammer(port);
+        let (ok, _, err) = fleet.cli(&["reload", &name]).await;
+        assert!(ok, "Node {version}: {err}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (answered, failed) = load.await.unwrap();
+        assert!(
+            failed.is_empty() && answered > 0,
+            "Node {version}: {answered} answered, {} failed, e.g. {:?}",
+            failed.len(),
+            failed.first()
+        );
+        // Stopped the way Node's primary stops them: they close their servers and exit 0.
+        let client = fleet.nats.client().await;
+        let mut events = Watch::new(&client, &format!("pm.default.{name}.process:event")).await;
+        let (ok, _, err) = fleet.cli(&["stop", &name]).await;
+        assert!(ok, "Node {version}: {err}");
+        let mut exits = vec![];
+        events
+            .until("both exits", |s| {
+                if event_name(s) == Some("exit") {
+                    exits.push(s.env.event.clone().unwrap().exit_code);
+                }
+                exits.len() == 2
+            })
+            .await;
+        assert_eq!(exits, vec![Some(0), Some(0)], "Node {version}");
+        let (ok, _, err) = fleet.cli(&["delete", &name]).await;
+        assert!(ok, "Node {version}: {err}");
+    }
     fleet.stop().await;
 }

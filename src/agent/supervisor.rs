@@ -267,6 +267,9 @@ struct Run {
     disconnecting: bool,
     /// A Node cluster worker said `listening` at least once.
     listened: bool,
+    /// Our seq of the boot probe sent when a Node cluster worker says `online` (see
+    /// [`Supervisor::on_cluster`]); its answer means the main module has run.
+    boot_probe: Option<u64>,
     /// Our sequence number in Node's cluster protocol with this run.
     cluster_seq: u64,
 }
@@ -289,6 +292,9 @@ struct Retiring {
     /// Its metadata (its pid, its restart count), for its `exit` event.
     meta: ProcessMeta,
 }
+
+/// The key of the boot probe: one no server has (Node's keys are `address:port:...`).
+const BOOT_PROBE_KEY: &str = "flotilla:boot-probe";
 
 /// How long a Node cluster worker that closed its channel after `disconnect` gets to exit on
 /// its own before the kill signal.
@@ -420,8 +426,29 @@ struct Op {
     reply: oneshot::Sender<Reply>,
     waiting: BTreeSet<u32>,
     changes: Vec<Change>,
-    /// A reload: each process settles when its new run is online, not when it is spawned.
-    until_online: bool,
+    /// When each process settles.
+    settle: Settle,
+}
+
+/// When a process of an op settles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// Stop, delete: once it has exited (or at once when it was not running).
+    Exited,
+    /// Restart: once its new run is online (ready, or a Node cluster worker's main module
+    /// has run), so the reply shows it online.
+    Restarted,
+    /// Reload: the same, the new run started before the old one stops where sockets are shared.
+    Reloaded,
+}
+
+impl Settle {
+    fn word(self) -> &'static str {
+        match self {
+            Settle::Restarted => "restarted",
+            _ => "reloaded",
+        }
+    }
 }
 
 struct Supervisor {
@@ -628,10 +655,18 @@ impl Supervisor {
             Request::Send(r) => self.send(r),
             Request::Signal(r) => self.signal(r),
             Request::Logs(r) => self.logs(&r),
-            Request::Stop(r) => return self.targeted(r, AfterStop::Nothing, false, reply, wtx),
-            Request::Restart(r) => return self.targeted(r, AfterStop::Restart, false, reply, wtx),
-            Request::Reload(r) => return self.targeted(r, AfterStop::Restart, true, reply, wtx),
-            Request::Delete(r) => return self.targeted(r, AfterStop::Delete, false, reply, wtx),
+            Request::Stop(r) => {
+                return self.targeted(r, AfterStop::Nothing, Settle::Exited, reply, wtx);
+            }
+            Request::Restart(r) => {
+                return self.targeted(r, AfterStop::Restart, Settle::Restarted, reply, wtx);
+            }
+            Request::Reload(r) => {
+                return self.targeted(r, AfterStop::Restart, Settle::Reloaded, reply, wtx);
+            }
+            Request::Delete(r) => {
+                return self.targeted(r, AfterStop::Delete, Settle::Exited, reply, wtx);
+            }
         };
         let out = match res {
             Ok(r) => r,
@@ -1411,6 +1446,7 @@ impl Supervisor {
                     stop_deadline: None,
                     disconnecting: false,
                     listened: false,
+                    boot_probe: None,
                     cluster_seq: 0,
                 });
                 p.policy.started(Instant::now());
@@ -1424,7 +1460,9 @@ impl Supervisor {
                 let Some(p) = self.procs.get_mut(&pm_id) else {
                     return;
                 };
-                if p.spec.wait_ready {
+                // A Node cluster worker is online once Node has booted and run the main module
+                // (its `listen()`s asked for), unless it is to send 'ready'.
+                if p.spec.wait_ready || spawn::is_node_cluster(&p.launch) {
                     p.meta.status = Status::Launching;
                     p.relay.set_meta(&p.meta);
                     let (run_gen, d) = (p.run_gen, p.spec.listen_timeout);
@@ -1440,22 +1478,9 @@ impl Supervisor {
                     p.relay.set_meta(&p.meta);
                     p.relay.event(&EventFields::named("online"));
                 }
-                tracing::info!(pm_id, pid, app = %p.app, "worker online");
+                tracing::info!(pm_id, pid, app = %p.app, "worker spawned");
                 if p.meta.status == Status::Online && p.retiring.is_some() {
-                    if spawn::is_node_cluster(&p.launch) {
-                        // A Node cluster worker serves once it says `listening` (pm2 waits
-                        // for that, or listen_timeout).
-                        let (run_gen, d) = (p.run_gen, p.spec.listen_timeout);
-                        schedule(
-                            &tracker,
-                            &cancel,
-                            &self_tx,
-                            Instant::now() + d,
-                            Msg::RetireDue { pm_id, run_gen },
-                        );
-                    } else {
-                        self.retire(pm_id);
-                    }
+                    self.retire(pm_id);
                 }
             }
             Err(e) => {
@@ -1487,20 +1512,54 @@ impl Supervisor {
             p.relay.event(&EventFields::named("ready"));
         }
         if p.meta.status == Status::Launching {
-            p.meta.status = Status::Online;
-            p.relay.set_meta(&p.meta);
-            let mut ev = EventFields::named("online");
-            if timed_out {
-                ev = ev.reason(format!(
-                    "no 'ready' within listen_timeout ({} ms): online anyway, as pm2 does",
-                    p.spec.listen_timeout.as_millis()
-                ));
-            }
-            p.relay.event(&ev);
-            let waiters = std::mem::take(&mut p.online_waiters);
-            self.retire(pm_id);
-            self.settle(pm_id, waiters, "reloaded");
+            let reason = timed_out.then(|| {
+                let ms = p.spec.listen_timeout.as_millis();
+                if p.spec.wait_ready {
+                    format!("no 'ready' within listen_timeout ({ms} ms): online anyway, as pm2 does")
+                } else {
+                    format!(
+                        "the Node cluster worker did not answer within listen_timeout ({ms} ms): online anyway"
+                    )
+                }
+            });
+            self.became_online(pm_id, reason);
         }
+    }
+
+    /// A launching run is online: `ready` (with `wait_ready`), a Node cluster worker's boot,
+    /// or `listen_timeout`. A reload's old run goes now, or for a Node cluster worker once the
+    /// new run listens (pm2 waits for `listening`, at most `listen_timeout`).
+    fn became_online(&mut self, pm_id: u32, reason: Option<String>) {
+        let tracker = self.cfg.tracker.clone();
+        let Some(p) = self.procs.get_mut(&pm_id) else {
+            return;
+        };
+        p.meta.status = Status::Online;
+        p.relay.set_meta(&p.meta);
+        let mut ev = EventFields::named("online");
+        if let Some(r) = reason {
+            ev = ev.reason(r);
+        }
+        p.relay.event(&ev);
+        tracing::info!(pm_id, pid = p.meta.pid, app = %p.app, "worker online");
+        if p.retiring.is_some() && !p.spec.wait_ready && spawn::is_node_cluster(&p.launch) {
+            if p.run.as_ref().is_some_and(|r| r.listened) {
+                self.overlap_done(pm_id);
+            } else {
+                let (run_gen, d) = (p.run_gen, p.spec.listen_timeout);
+                schedule(
+                    &tracker,
+                    &self.cfg.cancel,
+                    &self.tx,
+                    Instant::now() + d,
+                    Msg::RetireDue { pm_id, run_gen },
+                );
+            }
+            return;
+        }
+        let waiters = std::mem::take(&mut p.online_waiters);
+        self.retire(pm_id);
+        self.settle_online(pm_id, waiters);
     }
 
     /// True when a reload can start the new run before stopping the old one: it runs, and
@@ -1563,7 +1622,7 @@ impl Supervisor {
         }
         let waiters = std::mem::take(&mut p.online_waiters);
         self.retire(pm_id);
-        self.settle(pm_id, waiters, "reloaded");
+        self.settle_online(pm_id, waiters);
     }
 
     /// Stops the old run of a reload, if there is one.
@@ -1669,6 +1728,41 @@ impl Supervisor {
                 .retain(|c| c.run_gen >= run_gen || Some(c.run_gen) == old);
             if p.retiring.is_some() && p.meta.status == Status::Online {
                 self.overlap_done(pm_id);
+            }
+            return;
+        }
+        if act == "online" {
+            // Node's worker says `online` before it runs the main module, and reads its channel
+            // only once the main module has run. So a message it must answer, sent now, is
+            // answered after every `listen()` the main module made has asked for its socket
+            // (those come first on the channel): a `newconn` for a key it does not have, with
+            // a throwaway descriptor (Node closes it and answers `accepted: false`).
+            let Some(run) = p.run.as_mut() else { return };
+            if p.meta.status != Status::Launching || p.spec.wait_ready {
+                return;
+            }
+            let our_seq = run.cluster_seq;
+            let Ok((probe, _peer)) = std::os::unix::net::UnixStream::pair() else {
+                return; // no descriptor to spare: online at listen_timeout instead
+            };
+            let frame = OutFrame {
+                bytes: cluster_line(serde_json::json!({
+                    "cmd": "NODE_HANDLE", "type": "net.Native",
+                    "msg": {"cmd": "NODE_CLUSTER", "act": "newconn", "key": BOOT_PROBE_KEY, "seq": our_seq}
+                })),
+                fd: Some(probe.into()),
+            };
+            if run.writer.try_send(frame).is_ok() {
+                run.cluster_seq += 1;
+                run.boot_probe = Some(our_seq);
+            }
+            return;
+        }
+        if act.is_empty() && msg.get("accepted").is_some() {
+            let acked = msg.get("ack").and_then(|a| a.as_u64());
+            let probe = p.run.as_ref().and_then(|r| r.boot_probe);
+            if acked.is_some() && acked == probe && p.meta.status == Status::Launching {
+                self.became_online(pm_id, None);
             }
             return;
         }
@@ -1851,7 +1945,7 @@ impl Supervisor {
         &mut self,
         r: TargetRequest,
         after: AfterStop,
-        until_online: bool,
+        settle: Settle,
         reply: oneshot::Sender<Reply>,
         wtx: &mpsc::Sender<WorkerEvent>,
     ) {
@@ -1875,11 +1969,12 @@ impl Supervisor {
                     what: "absent".into(),
                 })
                 .collect(),
-            until_online,
+            settle,
         };
+        let until_online = settle != Settle::Exited;
         for id in ids {
             let was = self.procs[&id].meta.status;
-            if until_online && self.can_overlap(id) {
+            if settle == Settle::Reloaded && self.can_overlap(id) {
                 if !self.replace_run(id, wtx) {
                     op.changes.push(Change {
                         pm_id: id,
@@ -1932,7 +2027,7 @@ impl Supervisor {
                                 op.waiting.insert(id);
                                 continue;
                             }
-                            Some(p) if p.meta.status == Status::Online => "reloaded",
+                            Some(p) if p.meta.status == Status::Online => settle.word(),
                             _ => NOT_RESTARTED,
                         }
                     } else {
@@ -1956,9 +2051,22 @@ impl Supervisor {
         }
     }
 
-    /// True when the op waits for online runs (a reload).
+    /// True when the op waits for online runs (restart, reload).
     fn until_online(&self, op_id: u64) -> bool {
-        self.ops.get(&op_id).is_some_and(|op| op.until_online)
+        self.ops
+            .get(&op_id)
+            .is_some_and(|op| op.settle != Settle::Exited)
+    }
+
+    /// Settles ops waiting for this process's new run to be online, each with its word.
+    fn settle_online(&mut self, pm_id: u32, waiters: Vec<u64>) {
+        for op_id in waiters {
+            let word = self
+                .ops
+                .get(&op_id)
+                .map_or("reloaded", |op| op.settle.word());
+            self.settle(pm_id, vec![op_id], word);
+        }
     }
 
     fn emit(&self, pm_id: u32, ev: EventFields) {
@@ -1988,7 +2096,7 @@ impl Supervisor {
     }
 
     fn finish_op(&mut self, mut op: Op) {
-        if op.until_online {
+        if op.settle == Settle::Reloaded {
             // pm2: a reload without a shared socket is a restart; say so.
             for c in op.changes.iter_mut().filter(|c| c.what == "reloaded") {
                 if let Some(p) = self.procs.get(&c.pm_id)
@@ -2164,7 +2272,7 @@ impl Supervisor {
                         .filter(|p| running && p.meta.status == Status::Launching);
                     match launching {
                         Some(p) => p.online_waiters.extend(reloads),
-                        None if running => self.settle(pm_id, reloads, "reloaded"),
+                        None if running => self.settle_online(pm_id, reloads),
                         None => self.settle(pm_id, reloads, word),
                     }
                 }

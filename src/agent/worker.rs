@@ -256,18 +256,23 @@ async fn ipc_pump(
                 Frame::Line(line) => match classify(line) {
                     Ok(Classified::NodeInternal { cmd, raw }) => {
                         if cmd == "NODE_CLUSTER" {
-                            // The worker's side of Node's cluster protocol: `online` needs no
-                            // answer; the rest go to the supervisor, which owns the listening
-                            // sockets (`listening` ends a reload's overlap, `close` lets a
-                            // socket go).
+                            // The worker's side of Node's cluster protocol goes to the
+                            // supervisor, which owns the listening sockets (`online` and the
+                            // boot probe's answer make it online, `listening` ends a reload's
+                            // overlap, `close` lets a socket go).
                             if let Ok(v) = serde_json::from_str::<serde_json::Value>(raw.get())
-                                && matches!(
-                                    v.get("act").and_then(|a| a.as_str()),
-                                    Some(
-                                        "queryServer" | "exitedAfterDisconnect" | "listening"
+                                && match v.get("act").and_then(|a| a.as_str()) {
+                                    Some(act) => matches!(
+                                        act,
+                                        "online"
+                                            | "queryServer"
+                                            | "exitedAfterDisconnect"
+                                            | "listening"
                                             | "close"
-                                    )
-                                )
+                                    ),
+                                    // An answer (`{"ack":n,"accepted":false}`: the boot probe).
+                                    None => v.get("ack").is_some(),
+                                }
                             {
                                 cluster.push(v);
                             }

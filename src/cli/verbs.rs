@@ -125,11 +125,21 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
                             .collect();
                         let mut progress = Line::new();
                         let label = t.to_string();
-                        let waited =
-                            wait_online(&mut watch, &ids, &mut state, &label, &mut progress).await;
+                        let mut heard = BTreeMap::new();
+                        let waited = wait_online(
+                            &mut watch,
+                            &ids,
+                            &mut state,
+                            &mut heard,
+                            &label,
+                            &mut progress,
+                        )
+                        .await;
                         progress.done();
                         after_action(&client, "start", &reply, a.json).await?;
-                        return waited.map_err(|e| anyhow::anyhow!("{e}"));
+                        return waited
+                            .and_then(|()| listen_failures(&ids, &heard, &label))
+                            .map_err(|e| anyhow::anyhow!("{e}"));
                     }
                     Err(e) if e.to_string().starts_with("no app or process matches") => {}
                     Err(e) => return Err(e),
@@ -256,8 +266,22 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
             .map(|p| (p.meta.pm_id, p.meta.status))
             .collect();
         let label = app.to_string();
-        match wait_online(&mut watch, &ids, &mut state, &label, &mut progress).await {
-            Ok(()) => {}
+        let mut heard = BTreeMap::new();
+        match wait_online(
+            &mut watch,
+            &ids,
+            &mut state,
+            &mut heard,
+            &label,
+            &mut progress,
+        )
+        .await
+        {
+            Ok(()) => {
+                if let Err(e) = listen_failures(&ids, &heard, &label) {
+                    failures.push(e);
+                }
+            }
             Err(e) => failures.push(e),
         }
         all_ids.extend(ids);
@@ -304,6 +328,7 @@ async fn wait_online(
     watch: &mut async_nats::Subscriber,
     ids: &BTreeSet<u32>,
     state: &mut BTreeMap<u32, Status>,
+    heard: &mut BTreeMap<u32, Option<String>>,
     app: &str,
     progress: &mut Line,
 ) -> Result<(), String> {
@@ -341,6 +366,9 @@ async fn wait_online(
                         .and_then(|e| e.reason.clone())
                         .unwrap_or_else(|| ev.to_string());
                     failed.insert(id, why);
+                }
+                "listening" | "listen:error" => {
+                    heard.entry(id).or_insert_with(|| listen_outcome(&env));
                 }
                 _ => {
                     state.insert(id, env.process.status);
@@ -381,6 +409,46 @@ async fn wait_online(
             .collect::<Vec<_>>()
             .join(", "),
         reasons.join("; ")
+    ))
+}
+
+/// `None` for `listening`, the reason for `listen:error`.
+fn listen_outcome(env: &Envelope) -> Option<String> {
+    let e = env.event.as_ref()?;
+    (e.event == "listen:error").then(|| e.reason.clone().unwrap_or_else(|| e.event.clone()))
+}
+
+/// Fails naming the Node cluster workers that could not listen, and why (the port in use,
+/// ...). A cluster worker is online only once its main module has run, so the answers to its
+/// `listen()`s, `listen:error` included, came before its `online`.
+fn listen_failures(
+    ids: &BTreeSet<u32>,
+    heard: &BTreeMap<u32, Option<String>>,
+    app: &str,
+) -> Result<(), String> {
+    let failed: BTreeMap<u32, &String> = heard
+        .iter()
+        .filter(|(id, _)| ids.contains(id))
+        .filter_map(|(id, why)| why.as_ref().map(|w| (*id, w)))
+        .collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let mut reasons: Vec<&String> = failed.values().copied().collect();
+    reasons.dedup();
+    Err(format!(
+        "{app}: pm_id {} cannot listen: {} (the app got the error; `flotilla logs {}` shows what it did)",
+        failed
+            .keys()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        reasons
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
+        app.rsplit('/').next().unwrap_or(app)
     ))
 }
 
@@ -441,8 +509,8 @@ pub async fn targeted_with(
     };
     let mut progress = Line::new();
     progress.say(&format!("{verb} {t}"));
-    // A reload shows each instance as it comes back.
-    let watcher = if verb == "reload" {
+    // A reload shows each instance as it comes back; a restart waits until they are online.
+    let watcher = if verb == "reload" || verb == "restart" {
         let sub = client
             .nats
             .subscribe(format!("{}.*.*.process:event", client.subjects.prefix()))
@@ -455,6 +523,39 @@ pub async fn targeted_with(
     };
     let call = client.api_reply(verb, &r, within);
     let reply = match watcher {
+        Some(mut sub) if verb == "restart" => {
+            let reply = call.await?;
+            // Instances whose new run is still launching (a Node cluster worker booting, or
+            // waiting for 'ready') are shown once online, as `start` does.
+            let ids: BTreeSet<u32> = reply
+                .changes
+                .iter()
+                .filter(|c| c.what == "restarted")
+                .map(|c| c.pm_id)
+                .collect();
+            let mut state: BTreeMap<u32, Status> = reply
+                .processes
+                .iter()
+                .map(|p| (p.meta.pm_id, p.meta.status))
+                .collect();
+            let mut heard = BTreeMap::new();
+            let label = t.to_string();
+            if let Err(e) = wait_online(
+                &mut sub,
+                &ids,
+                &mut state,
+                &mut heard,
+                &label,
+                &mut progress,
+            )
+            .await
+            {
+                progress.done();
+                after_action(&client, verb, &reply, a.json).await?;
+                bail!("{e}");
+            }
+            reply
+        }
         Some(mut sub) => {
             tokio::pin!(call);
             let mut back = 0;

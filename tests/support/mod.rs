@@ -397,6 +397,19 @@ impl Watch {
         })
         .await
     }
+
+    /// Waits until each of `ids` has had its `online` event, in any order (Node workers boot
+    /// at their own pace).
+    pub async fn all_online(&mut self, ids: &[u32]) {
+        let mut left: std::collections::BTreeSet<u32> = ids.iter().copied().collect();
+        self.until(&format!("online of pm_ids {ids:?}"), |s| {
+            if s.env.event.as_ref().is_some_and(|e| e.event == "online") {
+                left.remove(&s.env.process.pm_id);
+            }
+            left.is_empty()
+        })
+        .await;
+    }
 }
 
 /// The event name of a seen envelope, if any.
