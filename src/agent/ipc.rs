@@ -270,21 +270,38 @@ impl OutFrame {
     }
 }
 
-/// Writes frames until the queue closes or the worker goes away.
+/// Writes frames until the queue closes or the worker goes away. A frame the kernel refuses
+/// before any of it is written (a descriptor it will not pass) is skipped with a warning; the
+/// channel goes on. After part of a line, the stream cannot be trusted: the writer stops.
 pub async fn write_loop(ch: Channel, mut rx: mpsc::Receiver<OutFrame>) {
     while let Some(frame) = rx.recv().await {
-        if let Err(e) = write_frame(&ch, frame).await {
-            tracing::debug!("IPC channel write ended: {e}");
-            return;
+        match write_frame(&ch, frame).await {
+            Ok(()) => {}
+            Err((e, false)) if !peer_gone(&e) => {
+                tracing::warn!("a message to the worker could not be written ({e}): skipped");
+            }
+            Err((e, _)) => {
+                tracing::debug!("IPC channel write ended: {e}");
+                return;
+            }
         }
     }
 }
 
-async fn write_frame(ch: &Channel, frame: OutFrame) -> io::Result<()> {
+/// The worker closed its end (or exited).
+fn peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ESHUTDOWN)
+    )
+}
+
+/// Writes one frame; on error, whether part of it was written.
+async fn write_frame(ch: &Channel, frame: OutFrame) -> Result<(), (io::Error, bool)> {
     let mut off = 0;
     let mut fd = frame.fd;
     while off < frame.bytes.len() {
-        let mut guard = ch.writable().await?;
+        let mut guard = ch.writable().await.map_err(|e| (e, off > 0))?;
         let raw = ch.get_ref().as_raw_fd();
         let res = guard.try_io(|_| {
             let iov = [IoSlice::new(&frame.bytes[off..])];
@@ -304,7 +321,7 @@ async fn write_frame(ch: &Channel, frame: OutFrame) -> io::Result<()> {
                 fd = None; // the descriptor went with the first bytes
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(e)) => return Err(e),
+            Ok(Err(e)) => return Err((e, off > 0)),
             Err(_would_block) => {}
         }
     }
