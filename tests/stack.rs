@@ -448,3 +448,89 @@ async fn nats_server_is_restarted_on_the_same_port_when_it_dies() {
     assert_eq!((now.url.as_str(), now.pid), (info.url.as_str(), info.pid));
     assert_eq!(now.nats_pid, servers[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_hard_leaves_no_worker_holding_the_port() {
+    let home = Home::new();
+    let (info, _) = home.ensure().await;
+    let client = async_nats::connect(info.url.as_str()).await.unwrap();
+    let mut beats = Watch::new(&client, &format!("pm._fleet.{HOST}.host:heartbeat")).await;
+    beats.next_raw().await;
+    beats.next_raw().await;
+    let mut events = Watch::new(&client, "pm.default.held.process:event").await;
+    // A fork-mode server that never reads its channel: only a signal stops it.
+    let port = support::free_port();
+    let mut spec = AppSpec::new("held", fixture("listen.py"));
+    spec.listen = vec![format!("tcp://127.0.0.1:{port}")];
+    let req = ApiStartRequest {
+        request_id: Uuid::new_v4(),
+        app: spec,
+        hosts: vec![],
+        labels: BTreeMap::new(),
+        force: false,
+    };
+    let r = api(&client, "start", serde_json::to_vec(&req).unwrap()).await;
+    assert!(r.error.is_none(), "{r:?}");
+    let worker = events
+        .until("held online", |s| {
+            s.env.event.as_ref().is_some_and(|e| e.event == "online")
+        })
+        .await
+        .env
+        .process
+        .pid;
+    // Serving: it answers with its pid (the program itself, past any launcher shim).
+    let who = ask(port).await;
+    assert!(who.contains(&format!("\"pid\": {worker}")), "{who}");
+    drop(client);
+    // The daemon (agent, controller) dies without stopping anything.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(info.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        await_pid_exit(info.pid as i32, WAIT).await,
+        "the daemon is gone"
+    );
+    // The kernel stops the orphan (PR_SET_PDEATHSIG = its kill_signal).
+    assert!(
+        await_pid_exit(worker as i32, WAIT).await,
+        "worker {worker} outlived its agent"
+    );
+    // So the next stack binds the port again, and the app serves.
+    let (again, _) = home.ensure().await;
+    let client = async_nats::connect(again.url.as_str()).await.unwrap();
+    let mut events = Watch::new(&client, "pm.default.held.process:event").await;
+    let r = ls(&client).await;
+    if !r
+        .processes
+        .iter()
+        .any(|p| p.meta.status == flotilla::protocol::Status::Online)
+    {
+        events
+            .until("held online again", |s| {
+                s.env.event.as_ref().is_some_and(|e| e.event == "online")
+            })
+            .await;
+    }
+    let answer = ask(port).await;
+    assert!(answer.contains("\"pm_id\""), "{answer}");
+}
+
+/// Connects and reads the server's one-line answer.
+async fn ask(port: u16) -> String {
+    let mut c = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .expect("connected in time")
+        .expect("the port accepts");
+    let mut answer = String::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_string(&mut c, &mut answer),
+    )
+    .await
+    .expect("an answer in time")
+    .unwrap();
+    answer
+}

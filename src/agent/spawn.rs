@@ -264,10 +264,14 @@ pub struct Spawned {
 /// `LISTEN_FDS`) and the channel follows them: the caller sets `NODE_CHANNEL_FD` from
 /// [`channel_fd`]. `LISTEN_PID` must be the worker's own pid, known only after the fork, so a
 /// worker with sockets is exec'd through `sh`, which sets it and execs the program in place.
+/// The worker gets `death_signal` from the kernel if the agent dies without stopping it
+/// (`PR_SET_PDEATHSIG`; kept across exec): no orphan keeps running, holding the app's ports,
+/// after the agent is SIGKILLed.
 pub fn spawn(
     launch: &Launch,
     env: Vec<(OsString, OsString)>,
     listen: &[RawFd],
+    death_signal: libc::c_int,
 ) -> std::io::Result<Spawned> {
     let (parent, child_end) = ipc::pair()?;
     let child_fd = child_end.as_raw_fd();
@@ -296,6 +300,30 @@ pub fn spawn(
             "{} listening sockets are more than {MAX_PASSED}",
             listen.len()
         )));
+    }
+    // SAFETY: runs in the child between fork and exec and only calls prctl and getppid, which
+    // are async-signal-safe, with plain integers. The "parent" whose death fires it is the thread
+    // that forks: the supervisor runs on the runtime's worker threads, which live as long as the
+    // agent (nothing in the agent turns one into a blocking thread).
+    let agent = std::process::id() as libc::pid_t;
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent died between the fork and the prctl: the signal will not come.
+            if libc::getppid() != agent {
+                return Err(std::io::Error::other("the agent exited during the spawn"));
+            }
+            Ok(())
+        });
     }
     let sources: Vec<RawFd> = listen.iter().copied().chain([child_fd]).collect();
     // Parked copies go just above every target number, so moving them never hits one another.

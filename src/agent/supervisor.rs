@@ -1421,7 +1421,8 @@ impl Supervisor {
             env.push(("LISTEN_FDS".into(), fds.len().to_string().into()));
             env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         }
-        let spawned = spawn::spawn(&p.launch, env, &fds).and_then(|sp| {
+        let death_signal = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT) as i32;
+        let spawned = spawn::spawn(&p.launch, env, &fds, death_signal).and_then(|sp| {
             let pid = sp.pid;
             let writer = worker::start(
                 &tracker,
