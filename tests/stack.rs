@@ -272,20 +272,9 @@ async fn desired_state_survives_kill_and_a_new_start() {
     let home = Home::new();
     let (info, _) = home.ensure().await;
     let client = async_nats::connect(info.url.as_str()).await.unwrap();
-    // Two heartbeats: the controller has heard the agent by the second.
-    let mut beats = Watch::new(&client, &format!("pm._fleet.{HOST}.host:heartbeat")).await;
-    beats.next_raw().await;
-    beats.next_raw().await;
     let mut events = Watch::new(&client, "pm.default.kept.process:event").await;
-    let req = ApiStartRequest {
-        request_id: Uuid::new_v4(),
-        app: AppSpec::new("kept", fixture("worker.py")),
-        hosts: vec![],
-        labels: BTreeMap::new(),
-        force: false,
-    };
-    let r = api(&client, "start", serde_json::to_vec(&req).unwrap()).await;
-    assert!(r.error.is_none(), "{r:?}");
+    let req =
+        start_through_the_controller(&client, AppSpec::new("kept", fixture("worker.py"))).await;
     events
         .until("kept online", |s| {
             s.env.event.as_ref().is_some_and(|e| e.event == "online")
@@ -454,23 +443,12 @@ async fn an_agent_killed_hard_leaves_no_worker_holding_the_port() {
     let home = Home::new();
     let (info, _) = home.ensure().await;
     let client = async_nats::connect(info.url.as_str()).await.unwrap();
-    let mut beats = Watch::new(&client, &format!("pm._fleet.{HOST}.host:heartbeat")).await;
-    beats.next_raw().await;
-    beats.next_raw().await;
     let mut events = Watch::new(&client, "pm.default.held.process:event").await;
     // A fork-mode server that never reads its channel: only a signal stops it.
     let port = support::free_port();
     let mut spec = AppSpec::new("held", fixture("listen.py"));
     spec.listen = vec![format!("tcp://127.0.0.1:{port}")];
-    let req = ApiStartRequest {
-        request_id: Uuid::new_v4(),
-        app: spec,
-        hosts: vec![],
-        labels: BTreeMap::new(),
-        force: false,
-    };
-    let r = api(&client, "start", serde_json::to_vec(&req).unwrap()).await;
-    assert!(r.error.is_none(), "{r:?}");
+    start_through_the_controller(&client, spec).await;
     let worker = events
         .until("held online", |s| {
             s.env.event.as_ref().is_some_and(|e| e.event == "online")
@@ -516,6 +494,27 @@ async fn an_agent_killed_hard_leaves_no_worker_holding_the_port() {
     }
     let answer = ask(port).await;
     assert!(answer.contains("\"pm_id\""), "{answer}");
+}
+
+/// Waits until the controller has heard the agent (two heartbeats: by the second), then starts
+/// `spec` through the controller's API; returns the request.
+async fn start_through_the_controller(
+    client: &async_nats::Client,
+    spec: AppSpec,
+) -> ApiStartRequest {
+    let mut beats = Watch::new(client, &format!("pm._fleet.{HOST}.host:heartbeat")).await;
+    beats.next_raw().await;
+    beats.next_raw().await;
+    let req = ApiStartRequest {
+        request_id: Uuid::new_v4(),
+        app: spec,
+        hosts: vec![],
+        labels: BTreeMap::new(),
+        force: false,
+    };
+    let r = api(client, "start", serde_json::to_vec(&req).unwrap()).await;
+    assert!(r.error.is_none(), "{r:?}");
+    req
 }
 
 /// Connects and reads the server's one-line answer.

@@ -298,7 +298,7 @@ const BOOT_PROBE_KEY: &str = "flotilla:boot-probe";
 
 /// How long a Node cluster worker that closed its channel after `disconnect` gets to exit on
 /// its own before the kill signal.
-const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How a run is first asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

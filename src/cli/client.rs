@@ -25,6 +25,26 @@ pub struct Client {
 }
 
 impl Client {
+    /// Subscribes to `subject` and makes sure the server has the subscription before anything
+    /// is asked: every later message is seen.
+    pub async fn watch(&self, subject: String) -> anyhow::Result<async_nats::Subscriber> {
+        let sub = self
+            .nats
+            .subscribe(subject)
+            .await
+            .context("cannot watch the app's events")?;
+        self.nats
+            .flush()
+            .await
+            .context("NATS did not take the subscription")?;
+        Ok(sub)
+    }
+
+    /// The subject of every app's lifecycle events.
+    pub fn all_process_events(&self) -> String {
+        format!("{}.*.*.process:event", self.subjects.prefix())
+    }
+
     /// Connects to the configured NATS, or to the local stack (starting it when none runs).
     pub async fn connect(settings: &Settings) -> anyhow::Result<Client> {
         let mut settings = settings.clone();

@@ -104,42 +104,16 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
                 let client = Client::connect(settings).await?;
                 let r = TargetRequest::new(t.clone());
                 // Subscribed before asking: every `online` is seen.
-                let mut watch = client
-                    .nats
-                    .subscribe(format!("{}.*.*.process:event", client.subjects.prefix()))
-                    .await
-                    .context("cannot watch the app's events")?;
-                client
-                    .nats
-                    .flush()
-                    .await
-                    .context("NATS did not take the subscription")?;
+                let mut watch = client.watch(client.all_process_events()).await?;
                 match client.api("restart", &r, SETTLE_WITHIN).await {
                     Ok(reply) => {
                         // As for a new app: done when every instance is online (ready).
-                        let ids: BTreeSet<u32> = reply.changes.iter().map(|c| c.pm_id).collect();
-                        let mut state: BTreeMap<u32, Status> = reply
-                            .processes
-                            .iter()
-                            .map(|p| (p.meta.pm_id, p.meta.status))
-                            .collect();
                         let mut progress = Line::new();
-                        let label = t.to_string();
-                        let mut heard = BTreeMap::new();
-                        let waited = wait_online(
-                            &mut watch,
-                            &ids,
-                            &mut state,
-                            &mut heard,
-                            &label,
-                            &mut progress,
-                        )
-                        .await;
+                        let waited =
+                            reply_online(&mut watch, &reply, &t.to_string(), &mut progress).await;
                         progress.done();
                         after_action(&client, "start", &reply, a.json).await?;
-                        return waited
-                            .and_then(|()| listen_failures(&ids, &heard, &label))
-                            .map_err(|e| anyhow::anyhow!("{e}"));
+                        return waited.map_err(|e| anyhow::anyhow!("{e}"));
                     }
                     Err(e) if e.to_string().starts_with("no app or process matches") => {}
                     Err(e) => return Err(e),
@@ -235,16 +209,7 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
         let app = AppKey::new(&spec.namespace, &spec.name)?;
         let n = spec.instances.unwrap_or(1);
         progress.say(&format!("starting {app} ({n} instance{})", plural(n)));
-        let mut watch = client
-            .nats
-            .subscribe(client.subjects.process_event(&app))
-            .await
-            .context("cannot watch the app's events")?;
-        client
-            .nats
-            .flush()
-            .await
-            .context("NATS did not take the subscription")?;
+        let mut watch = client.watch(client.subjects.process_event(&app)).await?;
         let req = ApiStartRequest {
             request_id: Uuid::new_v4(),
             app: spec,
@@ -418,6 +383,30 @@ fn listen_outcome(env: &Envelope) -> Option<String> {
     (e.event == "listen:error").then(|| e.reason.clone().unwrap_or_else(|| e.event.clone()))
 }
 
+/// Waits until the processes a `restart` reply names as restarted are online, and fails on a
+/// port they cannot have, as `start` does.
+async fn reply_online(
+    watch: &mut async_nats::Subscriber,
+    reply: &Reply,
+    label: &str,
+    progress: &mut Line,
+) -> Result<(), String> {
+    let ids: BTreeSet<u32> = reply
+        .changes
+        .iter()
+        .filter(|c| c.what == "restarted")
+        .map(|c| c.pm_id)
+        .collect();
+    let mut state: BTreeMap<u32, Status> = reply
+        .processes
+        .iter()
+        .map(|p| (p.meta.pm_id, p.meta.status))
+        .collect();
+    let mut heard = BTreeMap::new();
+    wait_online(watch, &ids, &mut state, &mut heard, label, progress).await?;
+    listen_failures(&ids, &heard, label)
+}
+
 /// Fails naming the Node cluster workers that could not listen, and why (the port in use,
 /// ...). A cluster worker is online only once its main module has run, so the answers to its
 /// `listen()`s, `listen:error` included, came before its `online`.
@@ -511,13 +500,7 @@ pub async fn targeted_with(
     progress.say(&format!("{verb} {t}"));
     // A reload shows each instance as it comes back; a restart waits until they are online.
     let watcher = if verb == "reload" || verb == "restart" {
-        let sub = client
-            .nats
-            .subscribe(format!("{}.*.*.process:event", client.subjects.prefix()))
-            .await
-            .ok();
-        let _ = client.nats.flush().await;
-        sub
+        Some(client.watch(client.all_process_events()).await?)
     } else {
         None
     };
@@ -527,29 +510,7 @@ pub async fn targeted_with(
             let reply = call.await?;
             // Instances whose new run is still launching (a Node cluster worker booting, or
             // waiting for 'ready') are shown once online, as `start` does.
-            let ids: BTreeSet<u32> = reply
-                .changes
-                .iter()
-                .filter(|c| c.what == "restarted")
-                .map(|c| c.pm_id)
-                .collect();
-            let mut state: BTreeMap<u32, Status> = reply
-                .processes
-                .iter()
-                .map(|p| (p.meta.pm_id, p.meta.status))
-                .collect();
-            let mut heard = BTreeMap::new();
-            let label = t.to_string();
-            if let Err(e) = wait_online(
-                &mut sub,
-                &ids,
-                &mut state,
-                &mut heard,
-                &label,
-                &mut progress,
-            )
-            .await
-            {
+            if let Err(e) = reply_online(&mut sub, &reply, &t.to_string(), &mut progress).await {
                 progress.done();
                 after_action(&client, verb, &reply, a.json).await?;
                 bail!("{e}");

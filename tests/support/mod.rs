@@ -417,6 +417,14 @@ pub fn event_name(s: &Seen) -> Option<&str> {
     s.env.event.as_ref().map(|e| e.event.as_str())
 }
 
+/// A worker stopped gracefully: it exited 0 on its own, or its kill signal (SIGINT) ended it.
+/// A Node cluster worker told to `disconnect` usually exits by itself; under load the signal
+/// that follows its channel's close may still reach it during its own exit (Node's primary
+/// has the same race). SIGKILL (kill_timeout passed) is not graceful.
+pub fn stopped_gracefully(e: &flotilla::protocol::envelope::EventFields) -> bool {
+    e.exit_code == Some(0) || e.signal.as_deref() == Some("SIGINT")
+}
+
 /// The text of a seen log line (`log:out` / `log:err`), if it is one.
 pub fn log_line(s: &Seen) -> Option<&str> {
     if !s.subject.contains(".log:") {
