@@ -1183,3 +1183,52 @@ async fn cluster_mode_works_on_every_node_major_here() {
     }
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_new_run_never_says_ready_goes_on_after_listen_timeout() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let client = fleet.nats.client().await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("no-ready");
+    let script = fixture("ready_once.js");
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script.to_str().unwrap(),
+            "--name",
+            "late",
+            "-i",
+            "1",
+            "--env",
+            &format!("PORT={port}"),
+            "--env",
+            &format!("NO_READY={}", marker.display()),
+            "--wait-ready",
+            "--listen-timeout",
+            "500ms",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let old = fleet.ls().await[0]["pid"].as_u64().unwrap();
+    // From now on a new run never sends 'ready'.
+    std::fs::write(&marker, "").unwrap();
+    let mut events = Watch::new(&client, "pm.default.late.process:event").await;
+    let (ok, out, err) = fleet.cli(&["reload", "late", "--json"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("\"reloaded\""), "{out}");
+    // pm2's behaviour: online anyway after listen_timeout, with the reason; then the old run goes.
+    let online = events
+        .until("the new run online", |s| {
+            event_name(s) == Some("online") && s.env.process.pid as u64 != old
+        })
+        .await;
+    let reason = online.env.event.unwrap().reason.unwrap_or_default();
+    assert!(reason.contains("listen_timeout (500 ms)"), "{reason}");
+    assert!(
+        await_pid_exit(old as i32, WAIT).await,
+        "the old run is gone"
+    );
+    assert!(ask_tcp_http(port).await.contains("200 OK"));
+    fleet.stop().await;
+}
