@@ -368,11 +368,11 @@ struct StackGuard(std::path::PathBuf);
 
 impl Drop for StackGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .env_remove("FLOTILLA_NATS_URL")
-            .env("FLOTILLA_HOME", &self.0)
-            .arg("kill")
-            .output();
+        let mut kill = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        for k in flotilla_vars() {
+            kill.env_remove(k);
+        }
+        let _ = kill.env("FLOTILLA_HOME", &self.0).arg("kill").output();
     }
 }
 
@@ -446,10 +446,13 @@ async fn logs_follow_monit_and_an_agent_that_does_not_answer() {
 
     // logs --follow: the recent lines, then a live one caused by a message.
     let url = fleet.nats.url();
-    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    for k in flotilla_vars() {
+        follow.env_remove(k);
+    }
+    let mut follow = follow
         .env("FLOTILLA_HOME", fleet.cli_home.path())
         .env("NO_COLOR", "1")
-        .env_remove("FLOTILLA_NATS_URL")
         .args([
             "--nats-url",
             &url,

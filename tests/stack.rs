@@ -56,10 +56,10 @@ impl Home {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
-        c.args(args)
-            .env("FLOTILLA_HOME", self.dir.path())
-            .env_remove("FLOTILLA_NATS_URL")
-            .env_remove("FLOTILLA_CONFIG");
+        for k in support::flotilla_vars() {
+            c.env_remove(k);
+        }
+        c.args(args).env("FLOTILLA_HOME", self.dir.path());
         c
     }
 

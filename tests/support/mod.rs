@@ -536,12 +536,20 @@ impl Fleet {
 }
 
 /// Runs `flotilla` with `args` (FLOTILLA_* variables removed, `FLOTILLA_HOME=home`), bounded.
+/// The FLOTILLA_* variables of the test's own environment: every flotilla the tests run goes
+/// without them (the CLI refuses unknown ones, and a URL or home from outside would point it
+/// elsewhere).
+pub fn flotilla_vars() -> Vec<String> {
+    std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("FLOTILLA_"))
+        .collect()
+}
+
 pub async fn run_cli(home: &Path, args: &[&str]) -> (bool, String, String) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FLOTILLA_") {
-            cmd.env_remove(k);
-        }
+    for k in flotilla_vars() {
+        cmd.env_remove(k);
     }
     cmd.env("FLOTILLA_HOME", home)
         .env("NO_COLOR", "1")
