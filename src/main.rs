@@ -12,6 +12,18 @@ fn main() -> ExitCode {
         Command::Agent(_) | Command::Controller | Command::Daemon(_)
     );
     init_tracing(if quiet { "warn" } else { "info" });
+    if quiet {
+        // A client verb piped into `head` ends quietly when the pipe closes, as Unix tools do,
+        // instead of panicking on the write (Rust ignores SIGPIPE). The roles keep ignoring it:
+        // a closed socket must never kill the agent.
+        // SAFETY: setting a signal's disposition to the default, before any thread exists.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1235,3 +1235,37 @@ async fn a_reload_whose_new_run_never_says_ready_goes_on_after_listen_timeout() 
     assert!(ask_tcp_http(port).await.contains("200 OK"));
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verb_piped_into_a_closed_pipe_ends_quietly() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let script = fixture("chatty.js");
+    let (ok, _, err) = fleet
+        .cli(&["start", script.to_str().unwrap(), "--name", "piped"])
+        .await;
+    assert!(ok, "{err}");
+    // `flotilla ls | head -0`: the reading end is gone before anything is written.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    for k in flotilla_vars() {
+        cmd.env_remove(k);
+    }
+    let out = cmd
+        .env("FLOTILLA_HOME", fleet.cli_home.path())
+        .args(["--nats-url", &fleet.nats.url(), "ls"])
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
+    assert!(stderr.is_empty(), "{stderr}");
+    fleet.stop().await;
+}
