@@ -77,6 +77,8 @@ struct Sample {
     at: Duration,
     latency: Duration,
     error: Option<ErrorKind>,
+    /// The request opened its connection (else it reused a kept-alive one).
+    fresh: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -106,6 +108,8 @@ struct Outcome {
     /// Errors per reload window (a request that started during it), then outside any.
     errors_by_window: Vec<usize>,
     errors_outside: usize,
+    /// The slowest answered requests: (started at, latency, on a new connection).
+    slowest: Vec<(Duration, Duration, bool)>,
 }
 
 fn main() {
@@ -386,6 +390,7 @@ async fn client(
     while !stop.load(Ordering::Relaxed) {
         let start = Instant::now();
         let at = start - began;
+        let fresh = conn.is_none();
         let outcome = tokio::time::timeout(REQUEST_WITHIN, async {
             let mut c = match conn.take() {
                 Some(c) => c,
@@ -413,6 +418,7 @@ async fn client(
             at,
             latency: start.elapsed(),
             error,
+            fresh,
         });
     }
     samples
@@ -514,6 +520,14 @@ fn summarise(samples: &[Sample], windows: &[(Duration, Duration)], ended: Durati
         reload_wall: windows.iter().map(|(a, b)| *b - *a).collect(),
         errors_by_window,
         errors_outside,
+        slowest: {
+            let mut ok: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
+            ok.sort_by_key(|s| std::cmp::Reverse(s.latency));
+            ok.iter()
+                .take(3)
+                .map(|s| (s.at, s.latency, s.fresh))
+                .collect()
+        },
     }
 }
 
@@ -565,12 +579,30 @@ fn print_table(shape: Shape, fl: Option<&Outcome>, p2: Option<&Outcome>) {
         &dur,
     );
     for (tool, o) in [("flotilla", fl), ("pm2", p2)] {
-        if let Some(o) = o.filter(|o| o.refused + o.reset + o.timeout > 0) {
+        let Some(o) = o else { continue };
+        if o.refused + o.reset + o.timeout > 0 {
             println!(
                 "{tool}: errors per reload {:?}, outside any reload {}",
                 o.errors_by_window, o.errors_outside
             );
         }
+        let slow: Vec<String> = o
+            .slowest
+            .iter()
+            .map(|(at, lat, fresh)| {
+                format!(
+                    "{} at {:.2} s ({})",
+                    ms(*lat),
+                    at.as_secs_f64(),
+                    if *fresh {
+                        "new connection"
+                    } else {
+                        "kept-alive"
+                    }
+                )
+            })
+            .collect();
+        println!("{tool}: slowest answers {}", slow.join(", "));
     }
     println!();
 }
