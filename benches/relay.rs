@@ -1657,7 +1657,7 @@ fn stages(url: String, lines: u64) -> Res<Stages> {
                 if let Frame::Line(l) = f
                     && let Ok(c) = classify(l)
                 {
-                    out.extend(worker.message(&c));
+                    out.extend(worker.message(0, &c));
                 }
             });
             let queued = out.len() as u64;

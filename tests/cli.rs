@@ -964,7 +964,9 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
             "--env",
             &env,
             "--env",
-            "LISTEN_DELAY=800",
+            "LISTEN_DELAY=2000",
+            "--listen-timeout",
+            "20s",
         ])
         .await;
     assert!(ok, "{err}");
@@ -996,6 +998,19 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
     assert!(
         pid_alive(old_pid),
         "the old run was stopped before the new one listened"
+    );
+    // The old run still serves, and its log line carries its own pid, not the new run's.
+    let answer = ask_tcp_http(port).await;
+    assert!(answer.ends_with(&format!("{old_pid}\n")), "{answer}");
+    let served = logs
+        .until("the old run's line", |s| {
+            s.env.data.as_ref().and_then(|d| d.as_str())
+                == Some(format!("served {old_pid}").as_str())
+        })
+        .await;
+    assert_eq!(
+        served.env.process.pid as i32, old_pid,
+        "the old run's line names the new run"
     );
     let (ok, _, err) = reload.await.unwrap();
     assert!(ok, "{err}");

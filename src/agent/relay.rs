@@ -57,6 +57,11 @@ pub struct WorkerRelay {
     relay: Relay,
     prefix: String,
     meta: RwLock<Arc<Box<RawValue>>>,
+    /// The metadata of an old run still running beside the current one (a reload's overlap),
+    /// by run generation: its lines carry its own pid.
+    kept: RwLock<Vec<(u64, Arc<Box<RawValue>>)>>,
+    /// How many are kept (checked first, so the usual case takes no lock).
+    kept_count: std::sync::atomic::AtomicUsize,
     dropped: AtomicU64,
     ipc_errors: AtomicU64,
     faults: Mutex<Faults>,
@@ -74,6 +79,33 @@ impl WorkerRelay {
         self.meta.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The metadata for a line of run `run_gen`: its kept one if it is an old run, else the
+    /// current one.
+    fn meta_of(&self, run_gen: u64) -> Arc<Box<RawValue>> {
+        if self.kept_count.load(Ordering::Acquire) > 0 {
+            let kept = self.kept.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, m)) = kept.iter().find(|(g, _)| *g == run_gen) {
+                return m.clone();
+            }
+        }
+        self.meta()
+    }
+
+    /// Keeps `meta` for the lines of run `run_gen`, which goes on beside a newer run.
+    pub fn keep_meta(&self, run_gen: u64, meta: &ProcessMeta) {
+        let mut kept = self.kept.write().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|(g, _)| *g != run_gen);
+        kept.push((run_gen, Arc::new(envelope::encode_meta(meta))));
+        self.kept_count.store(kept.len(), Ordering::Release);
+    }
+
+    /// Run `run_gen` has ended: its kept metadata goes.
+    pub fn forget_meta(&self, run_gen: u64) {
+        let mut kept = self.kept.write().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|(g, _)| *g != run_gen);
+        self.kept_count.store(kept.len(), Ordering::Release);
+    }
+
     /// Largest message relayed.
     pub fn max_message(&self) -> usize {
         self.relay.max_message()
@@ -81,19 +113,19 @@ impl WorkerRelay {
 
     /// Builds the envelope of one classified worker message (not Node internals); `None` when
     /// it is too large (reported as an `ipc:error`).
-    pub fn message(&self, c: &Classified<'_>) -> Option<Outgoing> {
+    pub fn message(&self, run_gen: u64, c: &Classified<'_>) -> Option<Outgoing> {
         let (t, data, raw) = match c {
             Classified::Typed { ty, data } => (ty.as_str(), Some(*data), None),
             Classified::Raw { raw, .. } => (kind::PROCESS_MSG, None, Some(*raw)),
             Classified::NodeInternal { .. } => return None,
         };
-        self.build(t, data, raw, None)
+        self.build_with(self.meta_of(run_gen), t, data, raw, None)
     }
 
     /// Builds the envelope of one log line (`log:out` / `log:err`).
-    pub fn log_line(&self, t: &'static str, line: &str) -> Option<Outgoing> {
+    pub fn log_line(&self, run_gen: u64, t: &'static str, line: &str) -> Option<Outgoing> {
         let data = serde_json::value::to_raw_value(line).expect("a string always serialises");
-        self.build(t, Some(&data), None, None)
+        self.build_with(self.meta_of(run_gen), t, Some(&data), None, None)
     }
 
     /// Queues worker messages and log lines, in order (the vector is emptied): waits for room
@@ -121,7 +153,17 @@ impl WorkerRelay {
         raw: Option<&RawValue>,
         event: Option<&EventFields>,
     ) -> Option<Outgoing> {
-        let meta = self.meta();
+        self.build_with(self.meta(), t, data, raw, event)
+    }
+
+    fn build_with(
+        &self,
+        meta: Arc<Box<RawValue>>,
+        t: &str,
+        data: Option<&RawValue>,
+        raw: Option<&RawValue>,
+        event: Option<&EventFields>,
+    ) -> Option<Outgoing> {
         let id = Uuid::new_v4();
         let payload = envelope::encode(&EnvelopeOut {
             at: now_ms(),
@@ -269,6 +311,8 @@ impl RelayHub {
             relay: self.relay.clone(),
             prefix: self.subjects.app_prefix(app),
             meta: RwLock::new(Arc::new(envelope::encode_meta(meta))),
+            kept: RwLock::new(Vec::new()),
+            kept_count: std::sync::atomic::AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             ipc_errors: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),

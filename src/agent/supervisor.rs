@@ -1586,6 +1586,8 @@ impl Supervisor {
         };
         let old_gen = p.run_gen;
         let old_meta = p.meta.clone();
+        // The old run's lines keep its own pid while both run.
+        p.relay.keep_meta(old_gen, &old_meta);
         p.retiring = Some(Retiring {
             run: old,
             run_gen: old_gen,
@@ -1601,6 +1603,7 @@ impl Supervisor {
         if p.run.is_none() {
             // Put the old run back: it never stopped.
             if let Some(r) = p.retiring.take() {
+                p.relay.forget_meta(r.run_gen);
                 p.run = Some(r.run);
                 p.run_gen = r.run_gen;
                 p.meta = old_meta;
@@ -1686,6 +1689,11 @@ impl Supervisor {
         }
         run.disconnecting = false;
         let sig = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT);
+        tracing::info!(
+            pm_id,
+            pid = run.pid,
+            "told to disconnect, the worker still runs: {sig}"
+        );
         if let Err(e) = kill_run(run.pid, p.spec.treekill, sig) {
             tracing::warn!(pm_id, "sending {sig} failed: {e}");
         }
@@ -2163,6 +2171,7 @@ impl Supervisor {
         if p.retiring.as_ref().is_some_and(|r| r.run_gen == run_gen) {
             if let Some(r) = p.retiring.take() {
                 tracing::info!(pm_id, pid = r.run.pid, "the old run of a reload exited");
+                p.relay.forget_meta(r.run_gen);
                 if p.run.as_ref().is_some_and(|run| run.listened) {
                     let current = p.run_gen;
                     p.cluster_sockets.retain(|c| c.run_gen >= current);

@@ -116,6 +116,7 @@ pub fn start(
         sp.stdout,
         ctx.out_log,
         ctx.relay.clone(),
+        ctx.run_gen,
         kind::LOG_OUT,
     )));
     let c = ctx.cancel.clone();
@@ -123,6 +124,7 @@ pub fn start(
         sp.stderr,
         ctx.err_log,
         ctx.relay.clone(),
+        ctx.run_gen,
         kind::LOG_ERR,
     )));
     let mut child = sp.child;
@@ -145,6 +147,7 @@ async fn log_pump(
     r: impl AsyncRead + Unpin,
     path: PathBuf,
     relay: Arc<WorkerRelay>,
+    run_gen: u64,
     t: &'static str,
 ) {
     let mut file = match tokio::fs::OpenOptions::new()
@@ -189,21 +192,21 @@ async fn log_pump(
         let mut rest = chunk;
         while let Some(pos) = memchr::memchr(b'\n', rest) {
             pending.extend_from_slice(&rest[..pos]);
-            out.extend(line_out(&relay, t, &pending));
+            out.extend(line_out(&relay, run_gen, t, &pending));
             pending.clear();
             rest = &rest[pos + 1..];
         }
         pending.extend_from_slice(rest);
         while pending.len() >= MAX_LOG_LINE {
             let tail = pending.split_off(MAX_LOG_LINE);
-            out.extend(line_out(&relay, t, &pending));
+            out.extend(line_out(&relay, run_gen, t, &pending));
             pending = tail;
         }
         br.consume(n);
         relay.push(&mut out).await;
     }
     if !pending.is_empty() {
-        out.extend(line_out(&relay, t, &pending));
+        out.extend(line_out(&relay, run_gen, t, &pending));
         relay.push(&mut out).await;
     }
     if let Some(mut f) = file {
@@ -211,9 +214,9 @@ async fn log_pump(
     }
 }
 
-fn line_out(relay: &WorkerRelay, t: &'static str, line: &[u8]) -> Option<Outgoing> {
+fn line_out(relay: &WorkerRelay, run_gen: u64, t: &'static str, line: &[u8]) -> Option<Outgoing> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    relay.log_line(t, &String::from_utf8_lossy(line))
+    relay.log_line(run_gen, t, &String::from_utf8_lossy(line))
 }
 
 /// The user message inside a `NODE_HANDLE` line (`{"cmd":"NODE_HANDLE","type":…,"msg":…}`).
@@ -287,14 +290,14 @@ async fn ipc_pump(
                                 if let Ok(c @ (Classified::Typed { .. } | Classified::Raw { .. })) =
                                     classify(inner.get().as_bytes())
                                 {
-                                    out.extend(relay.message(&c));
+                                    out.extend(relay.message(run_gen, &c));
                                 }
                             }
                         }
                     }
                     Ok(c) => {
                         ready |= matches!(c, Classified::Raw { ready: true, .. });
-                        out.extend(relay.message(&c));
+                        out.extend(relay.message(run_gen, &c));
                     }
                     Err(e) => relay.ipc_error(format!(
                         "malformed line on the IPC channel ({e}), starting `{}`: write one JSON value per line",
