@@ -23,6 +23,10 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_flotilla"))
 }
 
+/// Stack starts take it shared; a test that frees its nats-server's port for a while takes it
+/// alone, so no other test's stack (tests run at once) can pick that port up in between.
+static STARTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A temporary home whose stack is killed (through the binary) on drop.
 struct Home {
     dir: tempfile::TempDir,
@@ -44,6 +48,12 @@ impl Home {
         Settings {
             home: self.path(),
             host_id: HOST.into(),
+            // Any free port: stacks of tests running at once never meet on 4222 (one test kills
+            // its nats-server, and another stack's could take the port before it is back).
+            nats: flotilla::config::NatsSettings {
+                local_port: Some(0),
+                ..Default::default()
+            },
             heartbeat_interval: Duration::from_millis(200),
             ..Settings::default()
         }
@@ -59,11 +69,14 @@ impl Home {
         for k in support::flotilla_vars() {
             c.env_remove(k);
         }
-        c.args(args).env("FLOTILLA_HOME", self.dir.path());
+        c.args(args)
+            .env("FLOTILLA_HOME", self.dir.path())
+            .env("FLOTILLA_NATS__LOCAL_PORT", "0");
         c
     }
 
     async fn ensure(&self) -> (StackInfo, Vec<String>) {
+        let _starting = STARTS.read().await;
         let mut lines = vec![];
         let info = stack::ensure(&self.settings(), bin(), &mut |l| lines.push(l.to_string()))
             .await
@@ -362,6 +375,7 @@ async fn a_daemon_that_cannot_start_says_why_with_its_log() {
     let home = Home::new();
     // The JetStream store cannot be created where a file stands.
     std::fs::write(home.path().join("nats"), "not a folder").unwrap();
+    let _starting = STARTS.read().await;
     let err = stack::ensure(&home.settings(), bin(), &mut |_| {})
         .await
         .expect_err("the stack cannot start");
@@ -394,6 +408,8 @@ async fn nats_server_is_restarted_on_the_same_port_when_it_dies() {
         .connect(info.url.as_str())
         .await
         .unwrap();
+    // No other test's stack starts while the port is free (it could take it).
+    let _alone = STARTS.write().await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(info.nats_pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -427,7 +443,13 @@ async fn nats_server_is_restarted_on_the_same_port_when_it_dies() {
         .filter(|(_, a)| a[0].ends_with("nats-server"))
         .map(|(p, _)| p)
         .collect();
-    assert_eq!(servers.len(), 1);
+    assert_eq!(
+        servers.len(),
+        1,
+        "{servers:?} (the killed one was {}): {:?}",
+        info.nats_pid,
+        processes_of(&home.path())
+    );
     assert_ne!(servers[0], info.nats_pid);
     // The daemon records the new pid when the server says it listens, before our client could
     // reconnect and get an answer through the stack.

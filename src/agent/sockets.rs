@@ -29,6 +29,21 @@ impl Bound {
     pub fn dup(&self) -> std::io::Result<OwnedFd> {
         self.fd.try_clone()
     }
+
+    /// Puts the socket in non-blocking mode, for every descriptor of it (the flag belongs to
+    /// the socket, shared by the agent's copy and every worker's). Node's workers need it: libuv
+    /// accepts from every worker woken for a connection, and on a blocking socket all but the
+    /// one that got it would block in accept(), their event loops stuck (no requests on their
+    /// other connections, no `disconnect`, no signal handler) until the next connection comes.
+    /// `--listen` sockets stay blocking, as systemd passes them, for servers that accept in a
+    /// blocking loop.
+    pub fn set_nonblocking(&self) -> std::io::Result<()> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = fcntl(&self.fd, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(&self.fd, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
+        Ok(())
+    }
 }
 
 impl Drop for Bound {

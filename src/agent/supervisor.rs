@@ -239,9 +239,16 @@ fn cluster_socket(
             port,
         }
     };
-    table
+    let bound = table
         .get(&addr, host)
-        .map_err(|e| (e.errno, e.error.message))
+        .map_err(|e| (e.errno, e.error.message))?;
+    bound.set_nonblocking().map_err(|e| {
+        (
+            e.raw_os_error().unwrap_or(libc::EINVAL),
+            format!("cannot make the socket for {addr} non-blocking on host {host}: {e}"),
+        )
+    })?;
+    Ok(bound)
 }
 
 /// The change word of a reload of a process that shares no socket (a restart, as in pm2).
@@ -319,6 +326,15 @@ fn stop_way(spec: &AppSpec, launch: &Launch) -> StopWay {
     } else {
         StopWay::Signal
     }
+}
+
+/// Publishes a run's `exit` with that run's pid (the process's own pid is 0 by then).
+fn exit_event(p: &Proc, pid: u32, ev: &EventFields) {
+    let mut meta = p.meta.clone();
+    meta.pid = pid;
+    p.relay.set_meta(&meta);
+    p.relay.event(ev);
+    p.relay.set_meta(&p.meta);
 }
 
 /// A process stopped for good lets its listening sockets go (the last one closes each), as
@@ -2242,7 +2258,7 @@ impl Supervisor {
             p.meta.status = Status::Stopped;
             p.relay.set_meta(&p.meta);
             exit_ev.manually = Some(true);
-            p.relay.event(&exit_ev);
+            exit_event(p, run.pid, &exit_ev);
             let after = std::mem::replace(&mut p.after_stop, AfterStop::Nothing);
             let waiters = std::mem::take(&mut p.waiters);
             let restart_event = std::mem::take(&mut p.manual_restart_event);
@@ -2305,26 +2321,26 @@ impl Supervisor {
                     p.spec.max_restarts,
                     p.spec.min_uptime.as_millis()
                 )));
-                p.relay.event(&exit_ev);
+                exit_event(p, run.pid, &exit_ev);
                 release_sockets(p);
             }
             Decision::Stop => {
                 p.meta.status = Status::Stopped;
                 p.relay.set_meta(&p.meta);
-                p.relay.event(&exit_ev);
+                exit_event(p, run.pid, &exit_ev);
                 release_sockets(p);
             }
             Decision::Restart(delay) => {
                 if delay.is_zero() {
                     p.meta.status = Status::Stopped;
                     p.relay.set_meta(&p.meta);
-                    p.relay.event(&exit_ev);
+                    exit_event(p, run.pid, &exit_ev);
                     p.meta.restart_time += 1;
                     self.spawn_proc(pm_id, wtx);
                 } else {
                     p.meta.status = Status::WaitingRestart;
                     p.relay.set_meta(&p.meta);
-                    p.relay.event(&exit_ev);
+                    exit_event(p, run.pid, &exit_ev);
                     let run_gen = p.run_gen;
                     schedule(
                         &tracker,

@@ -60,6 +60,9 @@ pub struct NatsSettings {
     pub nkey: Option<String>,
     /// TLS files.
     pub tls: TlsSettings,
+    /// The port the local stack's nats-server takes when it is free (unset: 4222); 0: any free
+    /// port. Only for the local stack (`url` unset).
+    pub local_port: Option<u16>,
 }
 
 impl fmt::Debug for NatsSettings {
@@ -73,6 +76,7 @@ impl fmt::Debug for NatsSettings {
             .field("token", &hide(&self.token))
             .field("nkey", &hide(&self.nkey))
             .field("tls", &self.tls)
+            .field("local_port", &self.local_port)
             .finish()
     }
 }

@@ -159,7 +159,7 @@ pub async fn daemon(
 
     // nats-server first: 4222 if free, else any free port (and any free port if 4222 was taken
     // between the check and the bind).
-    let preferred = nats::choose_port();
+    let preferred = nats::choose_port(settings.nats.local_port.unwrap_or(nats::DEFAULT_PORT));
     let mut cfg = nats::Config {
         paths: paths.clone(),
         version: version.clone(),

@@ -76,10 +76,14 @@ pub(crate) fn version() -> Result<Version, StackError> {
     })
 }
 
-/// 4222 if it can be bound on 127.0.0.1 now, else 0 (nats-server picks a free one: `-p -1`).
-pub(crate) fn choose_port() -> u16 {
-    match std::net::TcpListener::bind(("127.0.0.1", DEFAULT_PORT)) {
-        Ok(_) => DEFAULT_PORT,
+/// `preferred` (4222 unless `nats.local_port` says otherwise) if it can be bound on 127.0.0.1
+/// now, else 0 (nats-server picks a free one: `-p -1`); 0 always means any free port.
+pub(crate) fn choose_port(preferred: u16) -> u16 {
+    if preferred == 0 {
+        return 0;
+    }
+    match std::net::TcpListener::bind(("127.0.0.1", preferred)) {
+        Ok(_) => preferred,
         Err(_) => 0,
     }
 }
