@@ -109,8 +109,14 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
                     Ok(reply) => {
                         // As for a new app: done when every instance is online (ready).
                         let mut progress = Line::new();
-                        let waited =
-                            reply_online(&mut watch, &reply, &t.to_string(), &mut progress).await;
+                        let waited = reply_online(
+                            &mut watch,
+                            &reply,
+                            &restarted(&reply),
+                            &t.to_string(),
+                            &mut progress,
+                        )
+                        .await;
                         progress.done();
                         after_action(&client, "start", &reply, a.json).await?;
                         return waited.map_err(|e| anyhow::anyhow!("{e}"));
@@ -225,29 +231,10 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
             .filter(|c| c.what != "deleted" && c.what != "absent")
             .map(|c| c.pm_id)
             .collect();
-        let mut state: BTreeMap<u32, Status> = reply
-            .processes
-            .iter()
-            .map(|p| (p.meta.pm_id, p.meta.status))
-            .collect();
-        let label = app.to_string();
-        let mut heard = BTreeMap::new();
-        match wait_online(
-            &mut watch,
-            &ids,
-            &mut state,
-            &mut heard,
-            &label,
-            &mut progress,
-        )
-        .await
+        if let Err(e) =
+            reply_online(&mut watch, &reply, &ids, &app.to_string(), &mut progress).await
         {
-            Ok(()) => {
-                if let Err(e) = listen_failures(&ids, &heard, &label) {
-                    failures.push(e);
-                }
-            }
-            Err(e) => failures.push(e),
+            failures.push(e);
         }
         all_ids.extend(ids);
     }
@@ -383,28 +370,33 @@ fn listen_outcome(env: &Envelope) -> Option<String> {
     (e.event == "listen:error").then(|| e.reason.clone().unwrap_or_else(|| e.event.clone()))
 }
 
-/// Waits until the processes a `restart` reply names as restarted are online, and fails on a
-/// port they cannot have, as `start` does.
-async fn reply_online(
-    watch: &mut async_nats::Subscriber,
-    reply: &Reply,
-    label: &str,
-    progress: &mut Line,
-) -> Result<(), String> {
-    let ids: BTreeSet<u32> = reply
+/// The processes a `restart` reply restarted.
+fn restarted(reply: &Reply) -> BTreeSet<u32> {
+    reply
         .changes
         .iter()
         .filter(|c| c.what == "restarted")
         .map(|c| c.pm_id)
-        .collect();
+        .collect()
+}
+
+/// Waits until the processes `ids` of a `start` or `restart` reply are online, and fails on a
+/// port they cannot have.
+async fn reply_online(
+    watch: &mut async_nats::Subscriber,
+    reply: &Reply,
+    ids: &BTreeSet<u32>,
+    label: &str,
+    progress: &mut Line,
+) -> Result<(), String> {
     let mut state: BTreeMap<u32, Status> = reply
         .processes
         .iter()
         .map(|p| (p.meta.pm_id, p.meta.status))
         .collect();
     let mut heard = BTreeMap::new();
-    wait_online(watch, &ids, &mut state, &mut heard, label, progress).await?;
-    listen_failures(&ids, &heard, label)
+    wait_online(watch, ids, &mut state, &mut heard, label, progress).await?;
+    listen_failures(ids, &heard, label)
 }
 
 /// Fails naming the Node cluster workers that could not listen, and why (the port in use,
@@ -510,7 +502,15 @@ pub async fn targeted_with(
             let reply = call.await?;
             // Instances whose new run is still launching (a Node cluster worker booting, or
             // waiting for 'ready') are shown once online, as `start` does.
-            if let Err(e) = reply_online(&mut sub, &reply, &t.to_string(), &mut progress).await {
+            if let Err(e) = reply_online(
+                &mut sub,
+                &reply,
+                &restarted(&reply),
+                &t.to_string(),
+                &mut progress,
+            )
+            .await
+            {
                 progress.done();
                 after_action(&client, verb, &reply, a.json).await?;
                 bail!("{e}");
