@@ -886,6 +886,14 @@ fn socket_nonblocking(pid: u64, inode: u64) -> bool {
     panic!("process {pid} does not hold socket {inode}");
 }
 
+/// `flotilla start SCRIPT --name NAME EXTRA...`, which must succeed.
+async fn start_ok(fleet: &Fleet, script: &std::path::Path, name: &str, extra: &[&str]) {
+    let mut args = vec!["start", script.to_str().unwrap(), "--name", name];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = fleet.cli(&args).await;
+    assert!(ok, "{err}");
+}
+
 /// A client asking over HTTP in a loop until told to stop: (answered, failures).
 fn hammer(
     port: u16,
@@ -1015,12 +1023,11 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
     let env = format!("PORT={port}");
     let script = fixture("slow_listen.js");
     let mut logs = Watch::new(&client, "pm.default.slow.log:out").await;
-    let (ok, _, err) = fleet
-        .cli(&[
-            "start",
-            script.to_str().unwrap(),
-            "--name",
-            "slow",
+    start_ok(
+        &fleet,
+        &script,
+        "slow",
+        &[
             "-i",
             "1",
             "--env",
@@ -1029,9 +1036,9 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
             "LISTEN_DELAY=2000",
             "--listen-timeout",
             "20s",
-        ])
-        .await;
-    assert!(ok, "{err}");
+        ],
+    )
+    .await;
     // Serving before the reload: it says so once it listens.
     logs.until("the first run listening", |s| {
         s.env
@@ -1090,21 +1097,13 @@ async fn stop_lets_a_cluster_worker_finish_its_requests_as_nodes_primary_does() 
     let env = format!("PORT={port}");
     let script = fixture("drain_server.js");
     let mut seen = Watch::new(&client, "pm.default.drain.>").await;
-    let (ok, _, err) = fleet
-        .cli(&[
-            "start",
-            script.to_str().unwrap(),
-            "--name",
-            "drain",
-            "-i",
-            "1",
-            "--env",
-            &env,
-            "--kill-timeout",
-            "10s",
-        ])
-        .await;
-    assert!(ok, "{err}");
+    start_ok(
+        &fleet,
+        &script,
+        "drain",
+        &["-i", "1", "--env", &env, "--kill-timeout", "10s"],
+    )
+    .await;
     // Serving: a plain request is answered (the worker listens).
     let pid: u32 = loop {
         match try_http(port).await {
@@ -1285,12 +1284,11 @@ async fn a_reload_whose_new_run_never_says_ready_goes_on_after_listen_timeout() 
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("no-ready");
     let script = fixture("ready_once.js");
-    let (ok, _, err) = fleet
-        .cli(&[
-            "start",
-            script.to_str().unwrap(),
-            "--name",
-            "late",
+    start_ok(
+        &fleet,
+        &script,
+        "late",
+        &[
             "-i",
             "1",
             "--env",
@@ -1300,9 +1298,9 @@ async fn a_reload_whose_new_run_never_says_ready_goes_on_after_listen_timeout() 
             "--wait-ready",
             "--listen-timeout",
             "500ms",
-        ])
-        .await;
-    assert!(ok, "{err}");
+        ],
+    )
+    .await;
     let old = fleet.ls().await[0]["pid"].as_u64().unwrap();
     // From now on a new run never sends 'ready'.
     std::fs::write(&marker, "").unwrap();

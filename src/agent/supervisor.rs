@@ -437,6 +437,26 @@ struct Proc {
     cron_gen: u64,
 }
 
+impl Proc {
+    /// Run `run_gen` of this process, the current one or the old one of a reload (then true).
+    fn run_of(&self, run_gen: u64) -> Option<(&Run, bool)> {
+        match (&self.run, &self.retiring) {
+            (Some(run), _) if self.run_gen == run_gen => Some((run, false)),
+            (_, Some(r)) if r.run_gen == run_gen => Some((&r.run, true)),
+            _ => None,
+        }
+    }
+
+    /// The same, to change it.
+    fn run_of_mut(&mut self, run_gen: u64) -> Option<(&mut Run, bool)> {
+        match (&mut self.run, &mut self.retiring) {
+            (Some(run), _) if self.run_gen == run_gen => Some((run, false)),
+            (_, Some(r)) if r.run_gen == run_gen => Some((&mut r.run, true)),
+            _ => None,
+        }
+    }
+}
+
 struct Op {
     request_id: Uuid,
     reply: oneshot::Sender<Reply>,
@@ -1674,12 +1694,7 @@ impl Supervisor {
         let Some(p) = self.procs.get(&pm_id) else {
             return;
         };
-        let disconnecting = match (&p.run, &p.retiring) {
-            (Some(run), _) if p.run_gen == run_gen => run.disconnecting,
-            (_, Some(r)) if r.run_gen == run_gen => r.run.disconnecting,
-            _ => false,
-        };
-        if disconnecting {
+        if p.run_of(run_gen).is_some_and(|(run, _)| run.disconnecting) {
             let at = Instant::now() + DISCONNECT_GRACE.min(p.spec.kill_timeout);
             let msg = Msg::DisconnectDue { pm_id, run_gen };
             schedule(&self.cfg.tracker, &self.cfg.cancel, &self.tx, at, msg);
@@ -1693,27 +1708,29 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
-        let (run, msg) = match (&mut p.run, &mut p.retiring) {
-            (Some(run), _) if p.run_gen == run_gen => (run, Msg::KillTimeout { pm_id, run_gen }),
-            (_, Some(r)) if r.run_gen == run_gen => {
-                (&mut r.run, Msg::RetireKill { pm_id, run_gen })
-            }
-            _ => return,
+        let spec = p.spec.clone();
+        let Some((run, retiring)) = p.run_of_mut(run_gen) else {
+            return;
         };
         if !run.disconnecting {
             return;
         }
         run.disconnecting = false;
-        let sig = signals::parse(&p.spec.kill_signal).unwrap_or(Signal::SIGINT);
+        let msg = if retiring {
+            Msg::RetireKill { pm_id, run_gen }
+        } else {
+            Msg::KillTimeout { pm_id, run_gen }
+        };
+        let sig = signals::parse(&spec.kill_signal).unwrap_or(Signal::SIGINT);
         tracing::info!(
             pm_id,
             pid = run.pid,
             "told to disconnect, the worker still runs: {sig}"
         );
-        if let Err(e) = kill_run(run.pid, p.spec.treekill, sig) {
+        if let Err(e) = kill_run(run.pid, spec.treekill, sig) {
             tracing::warn!(pm_id, "sending {sig} failed: {e}");
         }
-        let deadline = Instant::now() + p.spec.kill_timeout;
+        let deadline = Instant::now() + spec.kill_timeout;
         run.stop_deadline = Some(deadline);
         schedule(&tracker, &self.cfg.cancel, &self.tx, deadline, msg);
     }
