@@ -24,7 +24,8 @@ mod common;
 use async_nats::{Client, ConnectOptions, HeaderMap, Subscriber};
 use bytes::Bytes;
 use common::machine;
-use flotilla::protocol::control::{AgentStats, SendRequest, StartRequest, TargetRequest};
+use flotilla::protocol::control::{SendRequest, StartRequest, TargetRequest};
+use flotilla::protocol::reply::AgentStats;
 use flotilla::protocol::{AppSpec, Envelope, Reply, Request, Target};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -1331,7 +1332,11 @@ async fn await_ready(sub: &mut Subscriber, app: &str, workers: usize) -> Res<Vec
                 if let Some(pid) = env.data.as_ref().and_then(|d| d["pid"].as_u64()) {
                     pids.insert(pid as u32);
                 }
-            } else if env.event.as_ref().is_some_and(|e| e.event == "online") {
+            } else if env
+                .event
+                .as_ref()
+                .is_some_and(|e| e.event.as_str() == "online")
+            {
                 online.insert(env.process.pm_id);
             }
             if online.len() >= workers && pids.len() >= workers {

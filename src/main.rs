@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use flotilla::cli::{Cli, Command};
+use flotilla::protocol::TargetVerb;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -135,16 +136,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Start(a) => verbs::start(&settings()?, a).await,
-        Command::Stop(a) => verbs::targeted(&settings()?, "stop", a).await,
-        Command::Restart(a) => verbs::targeted(&settings()?, "restart", a).await,
+        Command::Stop(a) => verbs::targeted(&settings()?, TargetVerb::Stop, a).await,
+        Command::Restart(a) => verbs::targeted(&settings()?, TargetVerb::Restart, a).await,
         Command::Reload(a) => {
             let t = flotilla::cli::TargetArgs {
                 target: a.target.clone(),
                 json: a.json,
             };
-            verbs::targeted_with(&settings()?, "reload", &t, a.parallel).await
+            verbs::targeted_with(&settings()?, TargetVerb::Reload, &t, a.parallel).await
         }
-        Command::Delete(a) => verbs::targeted(&settings()?, "delete", a).await,
+        Command::Delete(a) => verbs::targeted(&settings()?, TargetVerb::Delete, a).await,
         Command::Scale(a) => verbs::scale(&settings()?, a).await,
         Command::Ls(a) => verbs::ls(&settings()?, a).await,
         Command::Describe(a) => verbs::describe(&settings()?, a).await,

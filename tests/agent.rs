@@ -2,7 +2,9 @@
 
 mod support;
 
-use flotilla::protocol::control::{ErrorKind, SendRequest, SignalRequest, StartRequest};
+use flotilla::protocol::ChangeKind;
+use flotilla::protocol::control::{SendRequest, SignalRequest, StartRequest};
+use flotilla::protocol::error::ErrorKind;
 use flotilla::protocol::{AppSpec, ExecMode, Request, Status, Target};
 use std::time::Duration;
 use support::*;
@@ -138,7 +140,7 @@ async fn node_workers_messages_logs_and_lifecycle_reach_nats_with_metadata() {
     // stop: exit + stop events, status stopped
     let reply = request(&client, "web-1", targeted("stop", "api")).await;
     assert!(reply.error.is_none());
-    assert!(reply.changes.iter().all(|c| c.what == "stopped"));
+    assert!(reply.changes.iter().all(|c| c.what == ChangeKind::Stopped));
     assert!(
         reply
             .processes
@@ -235,7 +237,12 @@ async fn oversized_message_reason_names_the_limit() {
     request(&client, "h", start(s)).await;
     let mut reasons = String::new();
     w.until("oversized report", |s| {
-        if let Some(e) = s.env.event.as_ref().filter(|e| e.event == "ipc:error") {
+        if let Some(e) = s
+            .env
+            .event
+            .as_ref()
+            .filter(|e| e.event.as_str() == "ipc:error")
+        {
             reasons.push_str(e.reason.as_deref().unwrap_or_default());
             reasons.push('|');
         }
@@ -282,7 +289,7 @@ async fn crash_loop_reaches_restart_overlimit_and_errored() {
     assert_eq!(list.processes[0].meta.restart_time, 2);
     // a manual restart resets the counters and runs it again
     let r = request(&client, "h", targeted("restart", "crash")).await;
-    assert_eq!(r.changes[0].what, "restarted");
+    assert_eq!(r.changes[0].what, ChangeKind::Restarted);
     w.event(0, "online").await;
     agent.stop().await.unwrap();
 }
@@ -521,7 +528,8 @@ async fn bad_requests_get_precise_errors_and_disturb_nothing() {
     assert_eq!(list.processes[0].meta.restart_time, 0);
     // a signal that is fine
     let r = request(&client, "h", sig("SIGUSR2")).await;
-    assert_eq!(r.changes[0].what, "sent SIGUSR2");
+    assert_eq!(r.changes[0].what, ChangeKind::Sent);
+    assert_eq!(r.changes[0].detail, "SIGUSR2");
     agent.stop().await.unwrap();
 }
 
@@ -715,7 +723,7 @@ async fn delete_and_restart_by_target() {
     );
     w.event(0, "restart").await;
     let r = request(&client, "h", targeted("delete", "0")).await;
-    assert_eq!(r.changes[0].what, "deleted");
+    assert_eq!(r.changes[0].what, ChangeKind::Deleted);
     w.event(0, "delete").await;
     let list = request(&client, "h", targeted("list", "all")).await;
     assert_eq!(list.processes.len(), 1);
@@ -872,7 +880,7 @@ async fn a_restart_arriving_during_a_delete_does_not_resurrect_the_process() {
         request(&client, "h", targeted("restart", "all")),
     );
     assert!(del.error.is_none(), "{del:?}");
-    assert_eq!(del.changes[0].what, "deleted");
+    assert_eq!(del.changes[0].what, ChangeKind::Deleted);
     assert_eq!(
         rst.changes
             .iter()

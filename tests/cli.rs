@@ -140,16 +140,16 @@ async fn start_ls_stop_restart_reload_scale_delete_on_one_host() {
         .await;
     assert!(ok, "{err}");
     let reply: Value = serde_json::from_str(&out).unwrap();
-    let words: Vec<&str> = reply["changes"]
+    let words: Vec<(&str, &str)> = reply["changes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| c["what"].as_str().unwrap())
+        .map(|c| (c["what"].as_str().unwrap(), c["detail"].as_str().unwrap()))
         .collect();
     // chatty.js listens on nothing: pm2's reload is then a restart, and the reply says so.
     assert_eq!(
         words,
-        vec!["reloaded (a restart: it shares no listening socket)"; 4]
+        vec![("reloaded", "a restart: it shares no listening socket"); 4]
     );
     let after = fleet.ls().await;
     assert_eq!(by_status(&after, "online").len(), 4);
@@ -552,7 +552,7 @@ async fn cron_restart_and_watch_restart_the_app() {
         .until("a cron restart", |s| {
             s.env.process.name == "tick"
                 && s.env.event.as_ref().is_some_and(|e| {
-                    e.event == "restart"
+                    e.event.as_str() == "restart"
                         && e.reason
                             .as_deref()
                             .is_some_and(|r| r.contains("cron_restart"))
@@ -590,7 +590,11 @@ async fn cron_restart_and_watch_restart_the_app() {
     std::fs::write(dir.path().join("config.json"), "{}").unwrap();
     let r = events
         .until("a watch restart", |s| {
-            s.env.process.name == "w" && s.env.event.as_ref().is_some_and(|e| e.event == "restart")
+            s.env.process.name == "w"
+                && s.env
+                    .event
+                    .as_ref()
+                    .is_some_and(|e| e.event.as_str() == "restart")
         })
         .await;
     let why = r.env.event.unwrap().reason.unwrap();

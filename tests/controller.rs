@@ -2,8 +2,9 @@
 
 mod support;
 
-use flotilla::protocol::control::{Reply, TargetRequest};
-use flotilla::protocol::state::ApiStartRequest;
+use flotilla::protocol::api::ApiStartRequest;
+use flotilla::protocol::control::TargetRequest;
+use flotilla::protocol::reply::Reply;
 use flotilla::protocol::{AppSpec, Status, Target};
 use std::collections::BTreeMap;
 use support::*;
@@ -46,7 +47,11 @@ async fn start_places_instances_across_agents_and_ls_gathers_them() {
     let mut online = BTreeMap::new();
     events
         .until("4 online", |s| {
-            if s.env.event.as_ref().is_some_and(|e| e.event == "online") {
+            if s.env
+                .event
+                .as_ref()
+                .is_some_and(|e| e.event.as_str() == "online")
+            {
                 online.insert(s.env.process.pm_id, s.env.process.host.clone());
             }
             online.len() == 4

@@ -6,8 +6,9 @@
 mod support;
 
 use flotilla::config::Settings;
-use flotilla::protocol::control::{Reply, TargetRequest};
-use flotilla::protocol::state::ApiStartRequest;
+use flotilla::protocol::api::ApiStartRequest;
+use flotilla::protocol::control::TargetRequest;
+use flotilla::protocol::reply::Reply;
 use flotilla::protocol::{AppSpec, Target};
 use flotilla::stack::{self, StackInfo};
 use std::collections::BTreeMap;
@@ -290,7 +291,10 @@ async fn desired_state_survives_kill_and_a_new_start() {
         start_through_the_controller(&client, AppSpec::new("kept", fixture("worker.py"))).await;
     events
         .until("kept online", |s| {
-            s.env.event.as_ref().is_some_and(|e| e.event == "online")
+            s.env
+                .event
+                .as_ref()
+                .is_some_and(|e| e.event.as_str() == "online")
         })
         .await;
     drop(client);
@@ -473,7 +477,10 @@ async fn an_agent_killed_hard_leaves_no_worker_holding_the_port() {
     start_through_the_controller(&client, spec).await;
     let worker = events
         .until("held online", |s| {
-            s.env.event.as_ref().is_some_and(|e| e.event == "online")
+            s.env
+                .event
+                .as_ref()
+                .is_some_and(|e| e.event.as_str() == "online")
         })
         .await
         .env
@@ -510,7 +517,10 @@ async fn an_agent_killed_hard_leaves_no_worker_holding_the_port() {
     {
         events
             .until("held online again", |s| {
-                s.env.event.as_ref().is_some_and(|e| e.event == "online")
+                s.env
+                    .event
+                    .as_ref()
+                    .is_some_and(|e| e.event.as_str() == "online")
             })
             .await;
     }

@@ -5,7 +5,9 @@
 
 use super::supervisor::SupervisorHandle;
 use crate::bus::dedupe::Dedupe;
-use crate::protocol::control::{ControlError, ErrorKind, Reply, Request};
+use crate::protocol::control::Request;
+use crate::protocol::error::{ControlError, ErrorKind};
+use crate::protocol::reply::Reply;
 use crate::protocol::subjects::{HostId, Parsed, Subjects};
 use async_nats::{Client, Message};
 use bytes::Bytes;

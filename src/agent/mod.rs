@@ -25,6 +25,7 @@ pub mod worker;
 use crate::bus::{self, BusError, Outgoing, Relay};
 use crate::config::Settings;
 use crate::protocol::envelope::now_ms;
+use crate::protocol::event::HostEventKind;
 use crate::protocol::fleet::{Heartbeat, HostEvent};
 use crate::protocol::state::{self, Assignment};
 use crate::protocol::{HostId, Subjects};
@@ -163,7 +164,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         sup.clone(),
         cancel.clone(),
     ));
-    host_event(&relay, &subjects, &host, &settings, "online");
+    host_event(&relay, &subjects, &host, &settings, HostEventKind::Online);
     tasks.spawn(heartbeats(
         relay.clone(),
         hub.clone(),
@@ -178,7 +179,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     tracing::info!("shutting down: no new commands; stopping workers");
     ctl_cancel.cancel();
     stop_workers(&sup).await;
-    let goodbye = || host_event(&relay, &subjects, &host, &settings, "offline");
+    let goodbye = || host_event(&relay, &subjects, &host, &settings, HostEventKind::Offline);
     finish(cancel, sup, tasks, &hub, goodbye).await;
     drop(hub);
     drain(relay, relay_tasks).await;
@@ -225,13 +226,19 @@ async fn stop_workers(sup: &SupervisorHandle) {
     sup.shutdown().await;
 }
 
-fn host_event(relay: &Relay, subjects: &Subjects, host: &HostId, settings: &Settings, event: &str) {
+fn host_event(
+    relay: &Relay,
+    subjects: &Subjects,
+    host: &HostId,
+    settings: &Settings,
+    event: HostEventKind,
+) {
     let id = Uuid::new_v4();
     let ev = HostEvent {
         at: now_ms(),
         id,
         host: host.to_string(),
-        event: event.into(),
+        event,
         version: env!("CARGO_PKG_VERSION").into(),
         labels: settings.labels.clone(),
     };

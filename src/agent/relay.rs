@@ -3,6 +3,7 @@
 
 use crate::bus::{Outgoing, Relay};
 use crate::protocol::envelope::{self, EnvelopeOut, EventFields, ProcessMeta, now_ms};
+use crate::protocol::event::ProcessEvent;
 use crate::protocol::message::Classified;
 use crate::protocol::subjects::{AppKey, Subjects, kind};
 use serde_json::value::RawValue;
@@ -233,7 +234,7 @@ impl WorkerRelay {
         tracing::warn!(worker = %self.prefix, count, "{reason}");
         self.event(&EventFields {
             count: Some(count),
-            ..EventFields::named("ipc:error").reason(reason)
+            ..EventFields::named(ProcessEvent::IpcError).reason(reason)
         });
     }
 
@@ -260,7 +261,7 @@ impl WorkerRelay {
                 count: Some(w.count),
                 since: Some(w.since),
                 until: Some(w.until),
-                ..EventFields::named("dropped")
+                ..EventFields::named(ProcessEvent::Dropped)
             });
         }
     }

@@ -3,7 +3,7 @@
 //! so connections queue in the kernel instead of being refused. The table only remembers
 //! sockets still held (weakly), so two apps naming one address share it.
 
-use crate::protocol::control::{ControlError, ErrorKind};
+use crate::protocol::error::{ControlError, ErrorKind};
 use crate::protocol::listen::ListenAddr;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

@@ -2,7 +2,7 @@
 //! the environment pm2 gives its workers, a process group of its own, and the IPC channel on fd 3.
 
 use super::ipc;
-use crate::protocol::control::{ControlError, ErrorKind};
+use crate::protocol::error::{ControlError, ErrorKind};
 use crate::protocol::{AppSpec, ExecMode};
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

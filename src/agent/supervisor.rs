@@ -10,10 +10,12 @@ use super::spawn::{self, Identity, Launch};
 use super::stats::CpuMeter;
 use super::worker::{self, RunContext, WorkerEvent};
 use crate::protocol::control::{
-    AgentStats, Change, ControlError, ErrorKind, LogTail, LogsRequest, ProcessInfo, Reply, Request,
-    SendRequest, SignalRequest, StartRequest, Target, TargetRequest,
+    LogsRequest, Request, SendRequest, SignalRequest, StartRequest, Target, TargetRequest,
 };
 use crate::protocol::envelope::{EventFields, ProcessMeta, Status, now_ms};
+use crate::protocol::error::{ControlError, ErrorKind};
+use crate::protocol::event::ProcessEvent;
+use crate::protocol::reply::{AgentStats, Change, ChangeKind, LogTail, ProcessInfo, Reply};
 use crate::protocol::state::Assignment;
 use crate::protocol::{AppKey, AppSpec};
 use nix::sys::signal::{Signal, kill, killpg};
@@ -251,11 +253,11 @@ fn cluster_socket(
     Ok(bound)
 }
 
-/// The change word of a reload of a process that shares no socket (a restart, as in pm2).
-pub const RELOADED_AS_RESTART: &str = "reloaded (a restart: it shares no listening socket)";
+/// The detail of a reload of a process that shares no socket (a restart, as in pm2).
+pub const RELOADED_AS_RESTART: &str = "a restart: it shares no listening socket";
 
-/// The change word of a restart whose new run could not be spawned.
-const NOT_RESTARTED: &str = "not restarted: spawn failed";
+/// The detail of a restart or reload whose new run could not be spawned.
+const SPAWN_FAILED: &str = "spawn failed";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AfterStop {
@@ -479,11 +481,21 @@ enum Settle {
 }
 
 impl Settle {
-    fn word(self) -> &'static str {
+    /// The change once its new run is online.
+    fn done(self) -> ChangeKind {
         match self {
-            Settle::Restarted => "restarted",
-            _ => "reloaded",
+            Settle::Restarted => ChangeKind::Restarted,
+            _ => ChangeKind::Reloaded,
         }
+    }
+
+    /// The change when its new run could not be had, and why.
+    fn not_done(self, pm_id: u32, why: &str) -> Change {
+        let kind = match self {
+            Settle::Reloaded => ChangeKind::NotReloaded,
+            _ => ChangeKind::NotRestarted,
+        };
+        Change::new(pm_id, kind).detail(why)
     }
 }
 
@@ -855,7 +867,7 @@ impl Supervisor {
                 .map(|p| Have {
                     pm_id: p.meta.pm_id,
                     spec: &p.spec,
-                    alive: crate::protocol::control::is_alive(p.meta.status),
+                    alive: p.meta.status.is_alive(),
                     stopping: p.meta.status == Status::Stopping,
                 })
                 .collect();
@@ -893,7 +905,10 @@ impl Supervisor {
                             self.manual_restart(id, wtx);
                         }
                     }
-                    Err(e) => self.emit(id, EventFields::named("spawn:error").reason(e.message)),
+                    Err(e) => self.emit(
+                        id,
+                        EventFields::named(ProcessEvent::SpawnError).reason(e.message),
+                    ),
                 },
                 Action::Start(spec) => {
                     let name = format!("{}/{}", spec.namespace, spec.name);
@@ -924,7 +939,9 @@ impl Supervisor {
         tracing::info!(pm_id, "{reason}");
         self.emit(
             pm_id,
-            EventFields::named("restart").manually(false).reason(reason),
+            EventFields::named(ProcessEvent::Restart)
+                .manually(false)
+                .reason(reason),
         );
         self.stop_one(pm_id, AfterStop::Restart, None);
     }
@@ -1004,7 +1021,7 @@ impl Supervisor {
             Err(reason) => {
                 tracing::warn!(pm_id, "{reason}");
                 p.relay
-                    .event(&EventFields::named("watch:error").reason(reason));
+                    .event(&EventFields::named(ProcessEvent::WatchError).reason(reason));
             }
         }
     }
@@ -1038,32 +1055,9 @@ impl Supervisor {
         wtx: &mpsc::Sender<WorkerEvent>,
     ) -> Result<Reply, ControlError> {
         let spec = r.app;
+        spec.validate()?;
         let app = AppKey::new(&spec.namespace, &spec.name)?;
         let instances = spec.instances.unwrap_or(1);
-        if instances == 0 {
-            return Err(ControlError::new(
-                ErrorKind::InvalidValue,
-                "instances must be at least 1 (the CLI turns 0 and 'max' into the CPU count)",
-            ));
-        }
-        if instances > 4096 {
-            return Err(ControlError::new(
-                ErrorKind::InvalidValue,
-                format!("{instances} instances is more than one host should run (4096 at most)"),
-            ));
-        }
-        signals::parse(&spec.kill_signal).map_err(|e| {
-            ControlError::new(
-                ErrorKind::InvalidValue,
-                format!("kill_signal: {}", e.message),
-            )
-        })?;
-        if let Some(c) = &spec.cron_restart {
-            crate::protocol::schedule::CronRestart::parse(c)?;
-        }
-        for a in &spec.listen {
-            crate::protocol::listen::ListenAddr::parse(a)?;
-        }
         let launch = Arc::new(spawn::resolve(&spec, self.host())?);
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         if !spec.pm_ids.is_empty() {
@@ -1102,10 +1096,7 @@ impl Supervisor {
             // pm2: `start` of a stopped app starts it again, with the new options.
             for id in existing {
                 self.start_again(id, &spec, &launch, wtx);
-                reply.changes.push(Change {
-                    pm_id: id,
-                    what: "started".into(),
-                });
+                reply.changes.push(Change::new(id, ChangeKind::Started));
                 reply.processes.extend(self.info(id));
             }
             return Ok(reply);
@@ -1186,7 +1177,7 @@ impl Supervisor {
                 continue;
             };
             let same = converge::same_shape(&p.spec, &spec);
-            let alive = crate::protocol::control::is_alive(p.meta.status);
+            let alive = p.meta.status.is_alive();
             let what = if p.meta.status == Status::Stopping {
                 // Still stopping (a stop under way when it was wanted running again): run it
                 // again once it has exited, with these options.
@@ -1195,7 +1186,7 @@ impl Supervisor {
                     p.launch = launch.clone();
                 }
                 self.stop_one(id, AfterStop::Restart, None);
-                "restarting"
+                Change::new(id, ChangeKind::Restarting)
             } else if !same && alive {
                 if let Some(p) = self.procs.get_mut(&id) {
                     p.spec = spec.clone();
@@ -1204,17 +1195,14 @@ impl Supervisor {
                 if !self.stop_one(id, AfterStop::Restart, None) {
                     self.manual_restart(id, wtx);
                 }
-                "restarted with the new options"
+                Change::new(id, ChangeKind::Restarted).detail("with the new options")
             } else if !alive {
                 self.start_again(id, &spec, &launch, wtx);
-                "started"
+                Change::new(id, ChangeKind::Started)
             } else {
-                "already online"
+                Change::new(id, ChangeKind::AlreadyOnline)
             };
-            reply.changes.push(Change {
-                pm_id: id,
-                what: what.into(),
-            });
+            reply.changes.push(what);
             reply.processes.extend(self.info(id));
         }
         if !ids.is_empty() {
@@ -1305,13 +1293,10 @@ impl Supervisor {
                 cron_gen: 0,
             };
             proc.relay
-                .event(&EventFields::named("start").manually(true));
+                .event(&EventFields::named(ProcessEvent::Start).manually(true));
             self.procs.insert(pm_id, proc);
             self.spawn_proc(pm_id, wtx);
-            reply.changes.push(Change {
-                pm_id,
-                what: "started".into(),
-            });
+            reply.changes.push(Change::new(pm_id, ChangeKind::Started));
         }
         reply
             .processes
@@ -1398,7 +1383,7 @@ impl Supervisor {
             );
             meta.status = Status::Errored;
             let relay = self.cfg.hub.worker(&app, &meta);
-            relay.event(&EventFields::named("spawn:error").reason(e.message.clone()));
+            relay.event(&EventFields::named(ProcessEvent::SpawnError).reason(e.message.clone()));
             self.cfg.hub.retire(&relay);
         }
     }
@@ -1430,7 +1415,7 @@ impl Supervisor {
                 p.relay.set_meta(&p.meta);
                 p.spawn_error = Some(e.message.clone());
                 p.relay
-                    .event(&EventFields::named("spawn:error").reason(e.message));
+                    .event(&EventFields::named(ProcessEvent::SpawnError).reason(e.message));
                 return;
             }
         };
@@ -1513,7 +1498,7 @@ impl Supervisor {
                 } else {
                     p.meta.status = Status::Online;
                     p.relay.set_meta(&p.meta);
-                    p.relay.event(&EventFields::named("online"));
+                    p.relay.event(&EventFields::named(ProcessEvent::Online));
                 }
                 tracing::info!(pm_id, pid, app = %p.app, "worker spawned");
                 if p.meta.status == Status::Online && p.retiring.is_some() {
@@ -1533,7 +1518,7 @@ impl Supervisor {
                 p.relay.set_meta(&p.meta);
                 p.spawn_error = Some(reason.clone());
                 p.relay
-                    .event(&EventFields::named("spawn:error").reason(reason));
+                    .event(&EventFields::named(ProcessEvent::SpawnError).reason(reason));
             }
         }
     }
@@ -1546,7 +1531,7 @@ impl Supervisor {
             return;
         }
         if !timed_out {
-            p.relay.event(&EventFields::named("ready"));
+            p.relay.event(&EventFields::named(ProcessEvent::Ready));
         }
         if p.meta.status == Status::Launching {
             let reason = timed_out.then(|| {
@@ -1573,7 +1558,7 @@ impl Supervisor {
         };
         p.meta.status = Status::Online;
         p.relay.set_meta(&p.meta);
-        let mut ev = EventFields::named("online");
+        let mut ev = EventFields::named(ProcessEvent::Online);
         if let Some(r) = reason {
             ev = ev.reason(r);
         }
@@ -1647,7 +1632,10 @@ impl Supervisor {
             }
             return false;
         }
-        self.emit(pm_id, EventFields::named("restart").manually(true));
+        self.emit(
+            pm_id,
+            EventFields::named(ProcessEvent::Restart).manually(true),
+        );
         true
     }
 
@@ -1760,8 +1748,9 @@ impl Supervisor {
                 (_, _, Some(port)) => format!("port {port}"),
                 _ => "a socket".into(),
             };
-            p.relay
-                .event(&EventFields::named("listening").reason(format!("listening on {what}")));
+            p.relay.event(
+                &EventFields::named(ProcessEvent::Listening).reason(format!("listening on {what}")),
+            );
             if let Some(run) = p.run.as_mut() {
                 run.listened = true;
             }
@@ -1887,7 +1876,7 @@ impl Supervisor {
                     Err((errno, why)) => {
                         tracing::warn!(pm_id, "{why}");
                         p.relay
-                            .event(&EventFields::named("listen:error").reason(why));
+                            .event(&EventFields::named(ProcessEvent::ListenError).reason(why));
                         OutFrame::line(cluster_line(reply(-errno)))
                     }
                 }
@@ -2006,10 +1995,7 @@ impl Supervisor {
             waiting: BTreeSet::new(),
             changes: absent
                 .into_iter()
-                .map(|pm_id| Change {
-                    pm_id,
-                    what: "absent".into(),
-                })
+                .map(|pm_id| Change::new(pm_id, ChangeKind::Absent))
                 .collect(),
             settle,
         };
@@ -2018,10 +2004,10 @@ impl Supervisor {
             let was = self.procs[&id].meta.status;
             if settle == Settle::Reloaded && self.can_overlap(id) {
                 if !self.replace_run(id, wtx) {
-                    op.changes.push(Change {
-                        pm_id: id,
-                        what: "not reloaded: the new run could not be spawned; the old one keeps serving".into(),
-                    });
+                    op.changes.push(
+                        Change::new(id, ChangeKind::NotReloaded)
+                            .detail("the new run could not be spawned; the old one keeps serving"),
+                    );
                     continue;
                 }
                 match self.procs.get_mut(&id) {
@@ -2034,10 +2020,7 @@ impl Supervisor {
                         p.online_waiters.push(op_id);
                         op.waiting.insert(id);
                     }
-                    _ => op.changes.push(Change {
-                        pm_id: id,
-                        what: "reloaded".into(),
-                    }),
+                    _ => op.changes.push(Change::new(id, ChangeKind::Reloaded)),
                 }
                 continue;
             }
@@ -2054,10 +2037,10 @@ impl Supervisor {
             let what = match after {
                 AfterStop::Nothing => {
                     if was == Status::WaitingRestart {
-                        self.emit(id, EventFields::named("stop").manually(true));
-                        "stopped"
+                        self.emit(id, EventFields::named(ProcessEvent::Stop).manually(true));
+                        Change::new(id, ChangeKind::Stopped)
                     } else {
-                        "already stopped"
+                        Change::new(id, ChangeKind::AlreadyStopped)
                     }
                 }
                 AfterStop::Restart => {
@@ -2069,22 +2052,21 @@ impl Supervisor {
                                 op.waiting.insert(id);
                                 continue;
                             }
-                            Some(p) if p.meta.status == Status::Online => settle.word(),
-                            _ => NOT_RESTARTED,
+                            Some(p) if p.meta.status == Status::Online => {
+                                Change::new(id, settle.done())
+                            }
+                            _ => settle.not_done(id, SPAWN_FAILED),
                         }
                     } else {
-                        "restarted"
+                        Change::new(id, ChangeKind::Restarted)
                     }
                 }
                 AfterStop::Delete => {
                     self.delete_now(id);
-                    "deleted"
+                    Change::new(id, ChangeKind::Deleted)
                 }
             };
-            op.changes.push(Change {
-                pm_id: id,
-                what: what.into(),
-            });
+            op.changes.push(what);
         }
         if op.waiting.is_empty() {
             self.finish_op(op);
@@ -2103,11 +2085,11 @@ impl Supervisor {
     /// Settles ops waiting for this process's new run to be online, each with its word.
     fn settle_online(&mut self, pm_id: u32, waiters: Vec<u64>) {
         for op_id in waiters {
-            let word = self
+            let done = self
                 .ops
                 .get(&op_id)
-                .map_or("reloaded", |op| op.settle.word());
-            self.settle(pm_id, vec![op_id], word);
+                .map_or(ChangeKind::Reloaded, |op| op.settle.done());
+            self.settle(pm_id, vec![op_id], |id| Change::new(id, done));
         }
     }
 
@@ -2124,7 +2106,10 @@ impl Supervisor {
             p.after_stop = AfterStop::Nothing;
         }
         self.spawn_proc(pm_id, wtx);
-        self.emit(pm_id, EventFields::named("restart").manually(true));
+        self.emit(
+            pm_id,
+            EventFields::named(ProcessEvent::Restart).manually(true),
+        );
     }
 
     fn delete_now(&mut self, pm_id: u32) {
@@ -2132,7 +2117,8 @@ impl Supervisor {
             if let Some(r) = &p.retiring {
                 let _ = killpg(Pid::from_raw(r.run.pid as i32), Signal::SIGKILL);
             }
-            p.relay.event(&EventFields::named("delete").manually(true));
+            p.relay
+                .event(&EventFields::named(ProcessEvent::Delete).manually(true));
             self.cfg.hub.retire(&p.relay);
         }
     }
@@ -2140,12 +2126,16 @@ impl Supervisor {
     fn finish_op(&mut self, mut op: Op) {
         if op.settle == Settle::Reloaded {
             // pm2: a reload without a shared socket is a restart; say so.
-            for c in op.changes.iter_mut().filter(|c| c.what == "reloaded") {
+            for c in op
+                .changes
+                .iter_mut()
+                .filter(|c| c.what == ChangeKind::Reloaded)
+            {
                 if let Some(p) = self.procs.get(&c.pm_id)
                     && p.sockets.is_empty()
                     && p.cluster_sockets.is_empty()
                 {
-                    c.what = RELOADED_AS_RESTART.into();
+                    c.detail = RELOADED_AS_RESTART.into();
                 }
             }
         }
@@ -2158,7 +2148,7 @@ impl Supervisor {
         let failed: Vec<String> = op
             .changes
             .iter()
-            .filter(|c| c.what == NOT_RESTARTED)
+            .filter(|c| c.what.is_failure())
             .map(|c| c.pm_id.to_string())
             .collect();
         if !failed.is_empty() {
@@ -2171,15 +2161,13 @@ impl Supervisor {
         let _ = op.reply.send(reply);
     }
 
-    fn settle(&mut self, pm_id: u32, waiters: Vec<u64>, what: &str) {
+    /// Records `change` for `pm_id` in each waiting op, and replies to those that are done.
+    fn settle(&mut self, pm_id: u32, waiters: Vec<u64>, change: impl Fn(u32) -> Change) {
         for op_id in waiters {
             let done = match self.ops.get_mut(&op_id) {
                 Some(op) => {
                     op.waiting.remove(&pm_id);
-                    op.changes.push(Change {
-                        pm_id,
-                        what: what.into(),
-                    });
+                    op.changes.push(change(pm_id));
                     op.waiting.is_empty()
                 }
                 None => false,
@@ -2222,7 +2210,7 @@ impl Supervisor {
                     exit_code: code,
                     signal,
                     manually: Some(true),
-                    ..EventFields::named("exit")
+                    ..EventFields::named(ProcessEvent::Exit)
                 });
                 self.cfg.hub.retire(&relay);
             }
@@ -2245,11 +2233,13 @@ impl Supervisor {
         let mut exit_ev = EventFields {
             exit_code: code,
             signal: signal.clone(),
-            ..EventFields::named("exit")
+            ..EventFields::named(ProcessEvent::Exit)
         };
         tracing::info!(pm_id, ?code, ?signal, app = %p.app, "worker exited");
         if !early.is_empty() {
-            self.settle(pm_id, early, "exited before it was online");
+            self.settle(pm_id, early, |id| {
+                Change::new(id, ChangeKind::ExitedBeforeOnline)
+            });
         }
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
@@ -2284,9 +2274,10 @@ impl Supervisor {
                 AfterStop::Nothing => {
                     release_sockets(p);
                     if !waiters.is_empty() || announce_stop {
-                        p.relay.event(&EventFields::named("stop").manually(true));
+                        p.relay
+                            .event(&EventFields::named(ProcessEvent::Stop).manually(true));
                     }
-                    self.settle(pm_id, waiters, "stopped");
+                    self.settle(pm_id, waiters, |id| Change::new(id, ChangeKind::Stopped));
                 }
                 AfterStop::Restart => {
                     if let Some(p) = self.procs.get_mut(&pm_id) {
@@ -2296,19 +2287,28 @@ impl Supervisor {
                     self.spawn_proc(pm_id, wtx);
                     let running = self.procs.get(&pm_id).is_some_and(|p| p.run.is_some());
                     if running && (restart_event || !waiters.is_empty()) {
-                        self.emit(pm_id, EventFields::named("restart").manually(true));
+                        self.emit(
+                            pm_id,
+                            EventFields::named(ProcessEvent::Restart).manually(true),
+                        );
                     }
-                    let word = if running {
-                        "restarted"
-                    } else if self.shutdown.is_some() {
-                        "stopped: the agent is shutting down"
-                    } else {
-                        NOT_RESTARTED
+                    let shutting_down = self.shutdown.is_some();
+                    let word = |settle: Settle| {
+                        move |id| {
+                            if running {
+                                Change::new(id, ChangeKind::Restarted)
+                            } else if shutting_down {
+                                Change::new(id, ChangeKind::Stopped)
+                                    .detail("the agent is shutting down")
+                            } else {
+                                settle.not_done(id, SPAWN_FAILED)
+                            }
+                        }
                     };
                     // Reloads settle when the new run is online; the rest now.
                     let (reloads, others): (Vec<u64>, Vec<u64>) =
                         waiters.into_iter().partition(|&op| self.until_online(op));
-                    self.settle(pm_id, others, word);
+                    self.settle(pm_id, others, word(Settle::Restarted));
                     let launching = self
                         .procs
                         .get_mut(&pm_id)
@@ -2316,12 +2316,12 @@ impl Supervisor {
                     match launching {
                         Some(p) => p.online_waiters.extend(reloads),
                         None if running => self.settle_online(pm_id, reloads),
-                        None => self.settle(pm_id, reloads, word),
+                        None => self.settle(pm_id, reloads, word(Settle::Reloaded)),
                     }
                 }
                 AfterStop::Delete => {
                     self.delete_now(pm_id);
-                    self.settle(pm_id, waiters, "deleted");
+                    self.settle(pm_id, waiters, |id| Change::new(id, ChangeKind::Deleted));
                 }
             }
             return;
@@ -2333,7 +2333,7 @@ impl Supervisor {
             Decision::Overlimit => {
                 p.meta.status = Status::Errored;
                 p.relay.set_meta(&p.meta);
-                p.relay.event(&EventFields::named("restart overlimit").reason(format!(
+                p.relay.event(&EventFields::named(ProcessEvent::RestartOverlimit).reason(format!(
                     "{} unstable restarts (runs shorter than min_uptime {} ms): not restarting; fix the crash, then restart it",
                     p.spec.max_restarts,
                     p.spec.min_uptime.as_millis()
@@ -2389,27 +2389,28 @@ impl Supervisor {
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         for id in ids {
             let p = &self.procs[&id];
-            let what = match &p.run {
+            let not_sent = Change::new(id, ChangeKind::NotSent);
+            let change = match &p.run {
                 Some(run) if p.meta.status != Status::Stopping => {
                     match run.writer.try_send(OutFrame::line(line.clone())) {
-                        Ok(()) => "sent".to_string(),
+                        Ok(()) => Change::new(id, ChangeKind::Sent),
                         Err(mpsc::error::TrySendError::Full(_)) => {
-                            "not sent: the worker is not reading its channel (queue full)".into()
+                            not_sent.detail("the worker is not reading its channel (queue full)")
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
-                            "not sent: the worker closed its channel".into()
+                            not_sent.detail("the worker closed its channel")
                         }
                     }
                 }
-                _ => format!("not sent: {}", p.meta.status.as_str()),
+                _ => not_sent.detail(p.meta.status.as_str()),
             };
-            reply.changes.push(Change { pm_id: id, what });
+            reply.changes.push(change);
         }
-        if !reply.changes.iter().any(|c| c.what == "sent") {
+        if !reply.changes.iter().any(|c| c.what == ChangeKind::Sent) {
             let detail = reply
                 .changes
                 .iter()
-                .map(|c| format!("pm_id {}: {}", c.pm_id, c.what))
+                .map(|c| format!("pm_id {}: {c}", c.pm_id))
                 .collect::<Vec<_>>()
                 .join("; ");
             return Err(ControlError::new(
@@ -2430,14 +2431,16 @@ impl Supervisor {
         let mut reply = Reply::ok(Some(r.request_id), self.host());
         for id in ids {
             let p = &self.procs[&id];
-            let what = match &p.run {
+            let change = match &p.run {
                 Some(run) => match kill(Pid::from_raw(run.pid as i32), sig) {
-                    Ok(()) | Err(nix::errno::Errno::ESRCH) => format!("sent {sig}"),
-                    Err(e) => format!("not sent: {e}"),
+                    Ok(()) | Err(nix::errno::Errno::ESRCH) => {
+                        Change::new(id, ChangeKind::Sent).detail(sig.as_str())
+                    }
+                    Err(e) => Change::new(id, ChangeKind::NotSent).detail(e.to_string()),
                 },
-                None => format!("not sent: {}", p.meta.status.as_str()),
+                None => Change::new(id, ChangeKind::NotSent).detail(p.meta.status.as_str()),
             };
-            reply.changes.push(Change { pm_id: id, what });
+            reply.changes.push(change);
         }
         Ok(reply)
     }

@@ -4,9 +4,10 @@
 use crate::bus;
 use crate::config::Settings;
 use crate::protocol::Subjects;
-use crate::protocol::control::Reply;
+use crate::protocol::api::ApiRequest;
+use crate::protocol::error::{ControlError, ErrorKind};
+use crate::protocol::reply::Reply;
 use anyhow::Context;
-use serde::Serialize;
 use std::time::Duration;
 
 /// How long the CLI waits for the controller to answer at all.
@@ -69,46 +70,91 @@ impl Client {
     }
 
     /// One API request; `within` bounds the whole operation (a reload takes a while). An error
-    /// reply becomes an `Err` with the controller's message.
-    pub async fn api<T: Serialize>(
+    /// reply becomes [`ApiError::Refused`], with the controller's kind and message.
+    pub async fn api(
         &self,
-        verb: &str,
-        body: &T,
+        req: impl Into<ApiRequest>,
         within: Duration,
-    ) -> anyhow::Result<Reply> {
-        let reply = self.api_reply(verb, body, within).await?;
-        if let Some(e) = &reply.error {
-            anyhow::bail!("{}", e.message);
+    ) -> Result<Reply, ApiError> {
+        let mut reply = self.api_reply(req, within).await?;
+        match reply.error.take() {
+            Some(e) => Err(ApiError::Refused(e)),
+            None => Ok(reply),
         }
-        Ok(reply)
     }
 
     /// Same, but an error reply is returned as it is (the caller shows what did happen).
-    pub async fn api_reply<T: Serialize>(
+    pub async fn api_reply(
         &self,
-        verb: &str,
-        body: &T,
+        req: impl Into<ApiRequest>,
         within: Duration,
-    ) -> anyhow::Result<Reply> {
-        let subject = self.subjects.api(verb);
-        let payload = serde_json::to_vec(body).context("encoding the request")?;
-        let asked = tokio::time::timeout(within, self.nats.request(subject, payload.into())).await;
+    ) -> Result<Reply, ApiError> {
+        let req = req.into();
+        let subject = self.subjects.api(req.verb());
+        let asked =
+            tokio::time::timeout(within, self.nats.request(subject, req.to_body().into())).await;
+        let url = self.url.clone();
         let msg = match asked {
-            Err(_) => anyhow::bail!(
-                "no controller answered within {} s on {}: is the fleet running? `flotilla info` tells more",
-                within.as_secs(),
-                self.url
-            ),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => anyhow::bail!(
-                "no controller is listening on {}: is the fleet running (`flotilla controller`)? `flotilla info` tells more",
-                self.url
-            ),
-            Ok(Err(e)) => {
-                anyhow::bail!("the request to the controller on {} failed: {e}", self.url)
+            Err(_) => {
+                return Err(ApiError::Timeout {
+                    secs: within.as_secs(),
+                    url,
+                });
             }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(ApiError::NoController { url });
+            }
+            Ok(Err(e)) => return Err(ApiError::Failed { url, source: e }),
             Ok(Ok(m)) => m,
         };
-        serde_json::from_slice::<Reply>(&msg.payload)
-            .context("the controller's reply cannot be read (a different version?)")
+        serde_json::from_slice::<Reply>(&msg.payload).map_err(ApiError::Unreadable)
+    }
+}
+
+/// Why an API request got no reply the CLI can use. Callers match on the variant (and a
+/// refusal's [`ErrorKind`]), never on the text.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The controller answered with an error.
+    #[error("{}", .0.message)]
+    Refused(ControlError),
+    /// Nobody answered in time.
+    #[error(
+        "no controller answered within {secs} s on {url}: is the fleet running? `flotilla info` tells more"
+    )]
+    Timeout {
+        /// How long the CLI waited.
+        secs: u64,
+        /// The NATS URL in use.
+        url: String,
+    },
+    /// No controller subscribes to the API.
+    #[error(
+        "no controller is listening on {url}: is the fleet running (`flotilla controller`)? `flotilla info` tells more"
+    )]
+    NoController {
+        /// The NATS URL in use.
+        url: String,
+    },
+    /// The request itself failed.
+    #[error("the request to the controller on {url} failed: {source}")]
+    Failed {
+        /// The NATS URL in use.
+        url: String,
+        /// What NATS said.
+        source: async_nats::RequestError,
+    },
+    /// The reply is not one this CLI can read.
+    #[error("the controller's reply cannot be read (a different version?): {0}")]
+    Unreadable(serde_json::Error),
+}
+
+impl ApiError {
+    /// The controller's error kind, for a refusal.
+    pub fn refused(&self) -> Option<ErrorKind> {
+        match self {
+            ApiError::Refused(e) => Some(e.kind),
+            _ => None,
+        }
     }
 }

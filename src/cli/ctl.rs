@@ -4,7 +4,8 @@
 use super::CtlArgs;
 use crate::bus;
 use crate::config::Settings;
-use crate::protocol::control::{AGENT_VERBS, Reply};
+use crate::protocol::control::AGENT_VERBS;
+use crate::protocol::reply::Reply;
 use crate::protocol::{HostId, Subjects};
 use anyhow::{Context, bail};
 

@@ -4,7 +4,7 @@
 //! file's folder. Unknown options are warned about (file, app, option), never silently dropped;
 //! syntax errors name the file, line and column.
 
-use crate::protocol::control::ExitCodes;
+use crate::protocol::app::ExitCodes;
 use crate::protocol::names::{self, NameKind};
 use crate::protocol::{AppSpec, ExecMode, duration};
 use serde_json::{Map, Value};

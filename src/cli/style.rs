@@ -3,8 +3,8 @@
 //! uptime. Renderers are pure functions of their data, so they are snapshot-tested.
 
 use crate::protocol::Status;
-use crate::protocol::control::{LogTail, ProcessInfo};
 use crate::protocol::fleet::HostView;
+use crate::protocol::reply::{LogTail, ProcessInfo};
 use comfy_table::{
     Attribute, Cell, Color, ContentArrangement, ContentLineStyle, LineStyle, Table, TableStyle,
 };

@@ -9,10 +9,16 @@ use super::{
     TargetArgs, ecosystem,
 };
 use crate::config::Settings;
+use crate::protocol::api::ApiRequest;
+use crate::protocol::api::{ApiStartRequest, ScaleRequest};
 use crate::protocol::control::TargetRequest;
-use crate::protocol::control::{LogsRequest, ProcessInfo, Reply, SendRequest, SignalRequest};
+use crate::protocol::control::TargetVerb;
+use crate::protocol::control::{LogsRequest, SendRequest, SignalRequest};
 use crate::protocol::envelope::now_ms;
-use crate::protocol::state::{ApiStartRequest, ScaleRequest};
+use crate::protocol::error::ErrorKind;
+use crate::protocol::event::ProcessEvent;
+use crate::protocol::reply::ChangeKind;
+use crate::protocol::reply::{ProcessInfo, Reply};
 use crate::protocol::{AppKey, AppSpec, Envelope, Status, Target};
 use anyhow::{Context, bail};
 use futures::StreamExt;
@@ -105,7 +111,10 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
                 let r = TargetRequest::new(t.clone());
                 // Subscribed before asking: every `online` is seen.
                 let mut watch = client.watch(client.all_process_events()).await?;
-                match client.api("restart", &r, SETTLE_WITHIN).await {
+                match client
+                    .api(ApiRequest::Targeted(TargetVerb::Restart, r), SETTLE_WITHIN)
+                    .await
+                {
                     Ok(reply) => {
                         // As for a new app: done when every instance is online (ready).
                         let mut progress = Line::new();
@@ -121,8 +130,8 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
                         after_action(&client, "start", &reply, a.json).await?;
                         return waited.map_err(|e| anyhow::anyhow!("{e}"));
                     }
-                    Err(e) if e.to_string().starts_with("no app or process matches") => {}
-                    Err(e) => return Err(e),
+                    Err(e) if e.refused() == Some(ErrorKind::NotFound) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             bail!(
@@ -223,12 +232,12 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
             labels: labels.clone(),
             force: force || a.force,
         };
-        let reply = client.api("start", &req, START_WITHIN).await?;
+        let reply = client.api(req, START_WITHIN).await?;
         // Instances a re-applied start removed (scaled down) never come online.
         let ids: BTreeSet<u32> = reply
             .changes
             .iter()
-            .filter(|c| c.what != "deleted" && c.what != "absent")
+            .filter(|c| !matches!(c.what, ChangeKind::Deleted | ChangeKind::Absent))
             .map(|c| c.pm_id)
             .collect();
         if let Err(e) =
@@ -367,7 +376,8 @@ async fn wait_online(
 /// `None` for `listening`, the reason for `listen:error`.
 fn listen_outcome(env: &Envelope) -> Option<String> {
     let e = env.event.as_ref()?;
-    (e.event == "listen:error").then(|| e.reason.clone().unwrap_or_else(|| e.event.clone()))
+    (e.event == ProcessEvent::ListenError)
+        .then(|| e.reason.clone().unwrap_or_else(|| e.event.to_string()))
 }
 
 /// The processes a `restart` reply restarted.
@@ -375,7 +385,7 @@ fn restarted(reply: &Reply) -> BTreeSet<u32> {
     reply
         .changes
         .iter()
-        .filter(|c| c.what == "restarted")
+        .filter(|c| c.what == ChangeKind::Restarted)
         .map(|c| c.pm_id)
         .collect()
 }
@@ -434,7 +444,9 @@ fn listen_failures(
 }
 
 async fn ls_reply(client: &Client, r: &TargetRequest) -> anyhow::Result<Reply> {
-    client.api_reply("ls", r, READ_WITHIN).await
+    Ok(client
+        .api_reply(ApiRequest::Ls(r.clone()), READ_WITHIN)
+        .await?)
 }
 
 /// What `stop`, `restart`, `reload`, `delete` and friends print: the changes, then the list.
@@ -456,10 +468,9 @@ async fn after_action(
     for c in &reply.changes {
         let name = names.get(&c.pm_id).map_or("", String::as_str);
         println!(
-            "{} {verb} {name}({}): {}",
+            "{} {verb} {name}({}): {c}",
             style.paint("✓", comfy_table::Color::Green),
             c.pm_id,
-            c.what
         );
     }
     let ls = ls_reply(client, &TargetRequest::new(Target::All)).await?;
@@ -468,17 +479,18 @@ async fn after_action(
 }
 
 /// `flotilla stop|restart|delete`
-pub async fn targeted(settings: &Settings, verb: &str, a: &TargetArgs) -> anyhow::Result<()> {
+pub async fn targeted(settings: &Settings, verb: TargetVerb, a: &TargetArgs) -> anyhow::Result<()> {
     targeted_with(settings, verb, a, 1).await
 }
 
 /// Same, with `reload --parallel K`.
 pub async fn targeted_with(
     settings: &Settings,
-    verb: &str,
+    tverb: TargetVerb,
     a: &TargetArgs,
     parallel: u32,
 ) -> anyhow::Result<()> {
+    let verb = tverb.as_str();
     let t = target(&a.target)?;
     let client = Client::connect(settings).await?;
     let mut r = TargetRequest::new(t.clone());
@@ -496,7 +508,7 @@ pub async fn targeted_with(
     } else {
         None
     };
-    let call = client.api_reply(verb, &r, within);
+    let call = client.api_reply(ApiRequest::Targeted(tverb, r), within);
     let reply = match watcher {
         Some(mut sub) if verb == "restart" => {
             let reply = call.await?;
@@ -526,7 +538,7 @@ pub async fn targeted_with(
                     Some(m) = sub.next() => {
                         if let Ok(env) = serde_json::from_slice::<Envelope>(&m.payload)
                             && t.matches(&env.process)
-                            && env.event.as_ref().is_some_and(|e| e.event == "online")
+                            && env.event.as_ref().is_some_and(|e| e.event == ProcessEvent::Online)
                         {
                             back += 1;
                             progress.say(&format!("reload {t}: {back} instance{} back online", if back == 1 { "" } else { "s" }));
@@ -575,7 +587,7 @@ pub async fn scale(settings: &Settings, a: &ScaleArgs) -> anyhow::Result<()> {
         instances,
         change,
     };
-    let reply = client.api_reply("scale", &r, START_WITHIN).await?;
+    let reply = client.api_reply(r, START_WITHIN).await?;
     progress.done();
     after_action(&client, "scale", &reply, a.json).await?;
     if let Some(e) = reply.error {
@@ -607,7 +619,7 @@ pub async fn describe(settings: &Settings, a: &DescribeArgs) -> anyhow::Result<(
     let t = target(&a.target)?;
     let client = Client::connect(settings).await?;
     let reply = client
-        .api("ls", &TargetRequest::new(t), READ_WITHIN)
+        .api(ApiRequest::Ls(TargetRequest::new(t)), READ_WITHIN)
         .await?;
     if a.json {
         return print_json(&reply.processes);
@@ -656,7 +668,7 @@ pub async fn logs(
         pm_ids: vec![],
         lines: a.lines,
     };
-    let reply = client.api("logs", &r, READ_WITHIN).await?;
+    let reply = client.api(r, READ_WITHIN).await?;
     let style = OutputStyle::detect();
     if a.json {
         print_json(&reply.logs)?;
@@ -725,7 +737,7 @@ pub async fn send(settings: &Settings, a: &SendArgs) -> anyhow::Result<()> {
         message,
         pm_ids: vec![],
     };
-    let reply = client.api_reply("send", &r, READ_WITHIN).await?;
+    let reply = client.api_reply(r, READ_WITHIN).await?;
     print_changes(&reply, "send", a.json)?;
     if let Some(e) = reply.error {
         bail!("{}", e.message);
@@ -744,7 +756,7 @@ pub async fn signal(settings: &Settings, a: &SignalArgs) -> anyhow::Result<()> {
         signal: a.signal.clone(),
         pm_ids: vec![],
     };
-    let reply = client.api_reply("signal", &r, READ_WITHIN).await?;
+    let reply = client.api_reply(r, READ_WITHIN).await?;
     print_changes(&reply, "signal", a.json)?;
     if let Some(e) = reply.error {
         bail!("{}", e.message);
@@ -758,16 +770,14 @@ fn print_changes(reply: &Reply, verb: &str, json: bool) -> anyhow::Result<()> {
     }
     let style = OutputStyle::detect();
     for c in &reply.changes {
-        let ok = !c.what.starts_with("not ");
         println!(
-            "{} {verb} pm_id {}: {}",
-            if ok {
-                style.paint("✓", comfy_table::Color::Green)
-            } else {
+            "{} {verb} pm_id {}: {c}",
+            if c.what.is_failure() {
                 style.paint("✗", comfy_table::Color::Red)
+            } else {
+                style.paint("✓", comfy_table::Color::Green)
             },
             c.pm_id,
-            c.what
         );
     }
     Ok(())
@@ -782,7 +792,7 @@ struct InfoOut {
     local_stack: bool,
     daemon_pid: Option<u32>,
     nats_reachable: bool,
-    controllers: Vec<crate::protocol::control::ControllerInfo>,
+    controllers: Vec<crate::protocol::reply::ControllerInfo>,
     hosts: Vec<crate::protocol::fleet::HostView>,
     problem: Option<String>,
 }

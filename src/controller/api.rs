@@ -4,16 +4,17 @@
 
 use super::{Ctx, ids, placement};
 use crate::bus::store::StoreError;
+use crate::protocol::api::{ApiRequest, ApiStartRequest, ScaleRequest};
+use crate::protocol::app::MAX_INSTANCES;
 use crate::protocol::control::{
-    ControlError, ControllerInfo, ErrorKind, LogsRequest, Reply, Request, SendRequest,
-    SignalRequest, StartRequest, Target, TargetRequest,
+    LogsRequest, Request, SendRequest, SignalRequest, StartRequest, Target, TargetRequest,
+    TargetVerb,
 };
 use crate::protocol::envelope::now_ms;
-use crate::protocol::state::{
-    self, ASSIGN_PREFIX, ApiStartRequest, AppRecord, AssignedApp, Assignment, ScaleRequest,
-};
+use crate::protocol::error::{ControlError, ErrorKind};
+use crate::protocol::reply::{ChangeKind, ControllerInfo, Reply};
+use crate::protocol::state::{self, ASSIGN_PREFIX, AppRecord, AssignedApp, Assignment};
 use crate::protocol::{AppKey, AppSpec, HostId};
-use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -30,62 +31,33 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long placement waits for a first host when the controller knows none yet.
 const HOSTS_WAIT: Duration = Duration::from_secs(3);
-/// Most instances one app may have.
-const MAX_INSTANCES: u32 = 16_384;
 
 /// Runs one request.
 pub(crate) async fn dispatch(ctx: &Ctx, verb: &str, body: &[u8]) -> Reply {
-    let id = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("request_id")?.as_str()?.parse::<Uuid>().ok());
-    let res = match verb {
-        "start" => match de(verb, body) {
-            Ok(r) => start(ctx, r).await,
-            Err(e) => Err(e),
-        },
-        "scale" => match de(verb, body) {
-            Ok(r) => scale(ctx, r).await,
-            Err(e) => Err(e),
-        },
-        "stop" | "restart" | "reload" | "delete" => match de(verb, body) {
-            Ok(r) => targeted(ctx, verb, r).await,
-            Err(e) => Err(e),
-        },
-        "ls" => match de(verb, body) {
-            Ok(r) => Ok(ls(ctx, r).await),
-            Err(e) => Err(e),
-        },
-        "send" => match de::<SendRequest>(verb, body) {
-            Ok(r) => send(ctx, r).await,
-            Err(e) => Err(e),
-        },
-        "signal" => match de::<SignalRequest>(verb, body) {
-            Ok(r) => signal(ctx, r).await,
-            Err(e) => Err(e),
-        },
-        "logs" => match de::<LogsRequest>(verb, body) {
-            Ok(r) => logs(ctx, r).await,
-            Err(e) => Err(e),
-        },
-        "info" => Ok(info(ctx, id)),
-        other => Err(ControlError::new(
-            ErrorKind::UnknownVerb,
-            format!(
-                "unknown verb '{other}': the controller answers {}",
-                super::API_VERBS.join(", ")
-            ),
-        )),
+    let req = match ApiRequest::parse(verb, body) {
+        Ok(req) => req,
+        // The id, when the body has one, so the caller can match the error to its request.
+        Err(e) => return Reply::err(lenient_request_id(body), CTL, e),
+    };
+    let id = req.request_id();
+    let res = match req {
+        ApiRequest::Start(r) => start(ctx, *r).await,
+        ApiRequest::Scale(r) => scale(ctx, r).await,
+        ApiRequest::Targeted(verb, r) => targeted(ctx, verb, r).await,
+        ApiRequest::Ls(r) => Ok(ls(ctx, r).await),
+        ApiRequest::Send(r) => send(ctx, r).await,
+        ApiRequest::Signal(r) => signal(ctx, r).await,
+        ApiRequest::Logs(r) => logs(ctx, r).await,
+        ApiRequest::Info(_) => Ok(info(ctx, id)),
     };
     res.unwrap_or_else(|e| Reply::err(id, CTL, e))
 }
 
-fn de<T: DeserializeOwned>(verb: &str, body: &[u8]) -> Result<T, ControlError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ControlError::new(
-            ErrorKind::BadRequest,
-            format!("malformed '{verb}' request: {e}"),
-        )
-    })
+/// The `request_id` of a body that is not a valid request, if it has one.
+fn lenient_request_id(body: &[u8]) -> Option<Uuid> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("request_id")?.as_str()?.parse::<Uuid>().ok())
 }
 
 fn store_err(e: StoreError) -> ControlError {
@@ -284,18 +256,27 @@ async fn ask_all(
     futures::future::join_all(asks).await
 }
 
+/// What the replies being merged answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    /// A delete: `absent` there means deleted all the same.
+    Delete,
+    /// Anything else, taken as it is.
+    AsIs,
+}
+
 /// One reply from many: changes, processes and logs together; errors joined.
-fn merge(id: Uuid, results: Vec<(String, Result<Reply, ControlError>)>, verb: &str) -> Reply {
+fn merge(id: Uuid, results: Vec<(String, Result<Reply, ControlError>)>, verb: Merge) -> Reply {
     let mut reply = Reply::ok(Some(id), CTL);
     let mut errors: Vec<ControlError> = vec![];
     for (_, r) in results {
         match r {
             Ok(mut x) => {
-                if verb == "delete" {
+                if verb == Merge::Delete {
                     // Already gone there (its convergence got there first): deleted all the same.
                     for c in &mut x.changes {
-                        if c.what == "absent" {
-                            c.what = "deleted".into();
+                        if c.what == ChangeKind::Absent {
+                            c.what = ChangeKind::Deleted;
                         }
                     }
                 }
@@ -337,36 +318,22 @@ fn start_req(spec: AppSpec) -> Request {
     .into()
 }
 
-fn target_req(verb: &str, target: &Target, pm_ids: Vec<u32>) -> Request {
-    let r = TargetRequest {
+fn target_req(verb: TargetVerb, target: &Target, pm_ids: Vec<u32>) -> Request {
+    verb.request(TargetRequest {
         request_id: Uuid::new_v4(),
         target: target.clone(),
         pm_ids,
         parallel: 1,
-    };
-    match verb {
-        "stop" => Request::Stop(r),
-        "restart" => Request::Restart(r),
-        "reload" => Request::Reload(r),
-        "delete" => Request::Delete(r),
-        _ => Request::List(r),
-    }
+    })
 }
 
 // ---- the verbs ----
 
 async fn start(ctx: &Ctx, r: ApiStartRequest) -> Result<Reply, ControlError> {
     let mut spec = r.app;
+    spec.validate()?;
     let app = AppKey::new(&spec.namespace, &spec.name)?;
     let n = spec.instances.unwrap_or(1);
-    if n == 0 || n > MAX_INSTANCES {
-        return Err(ControlError::new(
-            ErrorKind::InvalidValue,
-            format!(
-                "instances must be between 1 and {MAX_INSTANCES} (the CLI turns 0 and 'max' into the CPU count)"
-            ),
-        ));
-    }
     for h in &r.hosts {
         HostId::new(h)?;
     }
@@ -455,10 +422,10 @@ async fn start(ctx: &Ctx, r: ApiStartRequest) -> Result<Reply, ControlError> {
         });
         return Err(e);
     }
-    let mut reply = merge(r.request_id, results, "start");
+    let mut reply = merge(r.request_id, results, Merge::AsIs);
     for c in &mut reply.changes {
-        if c.what == "already online" {
-            c.what = "started".into();
+        if c.what == ChangeKind::AlreadyOnline {
+            c.what = ChangeKind::Started;
         }
     }
     Ok(reply)
@@ -564,16 +531,16 @@ async fn apply(
     }
     let mut reqs = vec![];
     for (host, ids) in removed {
-        reqs.push((host, target_req("delete", &Target::All, ids)));
+        reqs.push((host, target_req(TargetVerb::Delete, &Target::All, ids)));
     }
     let results = ask_all(ctx, reqs, SETTLE_TIMEOUT).await;
-    let mut reply = merge(id, results, "delete");
+    let mut reply = merge(id, results, Merge::Delete);
     let desired = self::desired(ctx).await?;
     let reqs: Vec<(String, Request)> = desired
         .iter()
         .filter_map(|(h, a)| share(a, app).map(|s| (h.clone(), start_req(s))))
         .collect();
-    let started = merge(id, ask_all(ctx, reqs, START_TIMEOUT).await, "start");
+    let started = merge(id, ask_all(ctx, reqs, START_TIMEOUT).await, Merge::AsIs);
     reply.changes.extend(started.changes);
     reply.processes.extend(started.processes);
     reply.error = join_errors(reply.error.into_iter().chain(started.error).collect());
@@ -743,22 +710,22 @@ async fn scale(ctx: &Ctx, r: ScaleRequest) -> Result<Reply, ControlError> {
     let started = merge(
         r.request_id,
         ask_all(ctx, reqs, START_TIMEOUT).await,
-        "start",
+        Merge::AsIs,
     );
     let reqs = removed
         .into_iter()
-        .map(|(h, ids)| (h, target_req("delete", &Target::All, ids)))
+        .map(|(h, ids)| (h, target_req(TargetVerb::Delete, &Target::All, ids)))
         .collect();
     let mut reply = merge(
         r.request_id,
         ask_all(ctx, reqs, SETTLE_TIMEOUT).await,
-        "delete",
+        Merge::Delete,
     );
     reply.changes.extend(
         started
             .changes
             .into_iter()
-            .filter(|c| c.what != "already online"),
+            .filter(|c| c.what != ChangeKind::AlreadyOnline),
     );
     reply.processes.extend(started.processes);
     reply.error = join_errors(reply.error.into_iter().chain(started.error).collect());
@@ -795,7 +762,10 @@ async fn remove(ctx: &Ctx, app: &AppKey, target: &Target) -> Result<(), ControlE
             }
         })
         .await?;
-        reqs.push((host.clone(), target_req("delete", &Target::All, gone)));
+        reqs.push((
+            host.clone(),
+            target_req(TargetVerb::Delete, &Target::All, gone),
+        ));
     }
     forget_if_empty(ctx, app).await?;
     ask_all(ctx, reqs, SETTLE_TIMEOUT).await;
@@ -826,7 +796,7 @@ async fn forget_if_empty(ctx: &Ctx, app: &AppKey) -> Result<(), ControlError> {
     Ok(())
 }
 
-async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, ControlError> {
+async fn targeted(ctx: &Ctx, verb: TargetVerb, r: TargetRequest) -> Result<Reply, ControlError> {
     let apps = apps_of(&desired(ctx).await?, &r.target);
     let _locked = ctx.lock_apps(&apps).await;
     let desired = desired(ctx).await?;
@@ -862,32 +832,31 @@ async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, Cont
                     .filter(|id| ids.contains(id))
                     .collect();
                 match verb {
-                    "stop" => e.stopped.extend(mine),
-                    "restart" | "reload" => {
+                    TargetVerb::Stop => e.stopped.extend(mine),
+                    TargetVerb::Restart | TargetVerb::Reload => {
                         for id in mine {
                             e.stopped.remove(&id);
                         }
                     }
-                    "delete" => {
+                    TargetVerb::Delete => {
                         let mut all = e.instances();
                         all.retain(|(id, _)| !mine.contains(id));
                         e.set_instances(&all);
                     }
-                    _ => {}
                 }
             }
         })
         .await?;
         after.insert(host.clone(), a);
     }
-    if verb == "delete" {
+    if verb == TargetVerb::Delete {
         for app in &apps {
             forget_if_empty(ctx, app).await?;
         }
     }
     let mut resumed = Reply::ok(Some(r.request_id), CTL);
     let mut sel = sel;
-    if verb == "restart" || verb == "reload" {
+    if matches!(verb, TargetVerb::Restart | TargetVerb::Reload) {
         let mut reqs = vec![];
         for (host, ids) in sel.iter_mut() {
             let back: Vec<u32> = ids
@@ -921,27 +890,32 @@ async fn targeted(ctx: &Ctx, verb: &str, r: TargetRequest) -> Result<Reply, Cont
         resumed = merge(
             r.request_id,
             ask_all(ctx, reqs, START_TIMEOUT).await,
-            "start",
+            Merge::AsIs,
         );
-        let word = if verb == "reload" {
-            "reloaded"
+        let done = if verb == TargetVerb::Reload {
+            ChangeKind::Reloaded
         } else {
-            "restarted"
+            ChangeKind::Restarted
         };
         for c in &mut resumed.changes {
-            if c.what == "started" || c.what == "already online" {
-                c.what = word.into();
+            if matches!(c.what, ChangeKind::Started | ChangeKind::AlreadyOnline) {
+                c.what = done;
             }
         }
     }
-    let mut reply = if verb == "reload" {
+    let mut reply = if verb == TargetVerb::Reload {
         reload(ctx, r, sel).await?
     } else {
         let reqs = sel
             .into_iter()
             .map(|(h, ids)| (h, target_req(verb, &r.target, ids)))
             .collect();
-        merge(r.request_id, ask_all(ctx, reqs, SETTLE_TIMEOUT).await, verb)
+        let how = if verb == TargetVerb::Delete {
+            Merge::Delete
+        } else {
+            Merge::AsIs
+        };
+        merge(r.request_id, ask_all(ctx, reqs, SETTLE_TIMEOUT).await, how)
     };
     reply.changes.extend(resumed.changes);
     reply.processes.extend(resumed.processes);
@@ -972,7 +946,7 @@ async fn reload(
             let res = ask(
                 ctx,
                 host,
-                target_req("reload", target, vec![*id]),
+                target_req(TargetVerb::Reload, target, vec![*id]),
                 RELOAD_TIMEOUT,
             )
             .await;
@@ -981,7 +955,7 @@ async fn reload(
         for (host, res) in futures::future::join_all(asks).await {
             let failed = match &res {
                 Ok(x) => {
-                    x.error.is_some() || x.changes.iter().any(|c| !c.what.starts_with("reloaded"))
+                    x.error.is_some() || x.changes.iter().any(|c| c.what != ChangeKind::Reloaded)
                 }
                 Err(_) => true,
             };
@@ -992,12 +966,12 @@ async fn reload(
             results.push((host, res));
         }
     }
-    let mut reply = merge(r.request_id, results, "reload");
+    let mut reply = merge(r.request_id, results, Merge::AsIs);
     let bad: Vec<String> = reply
         .changes
         .iter()
-        .filter(|c| !c.what.starts_with("reloaded"))
-        .map(|c| format!("pm_id {}: {}", c.pm_id, c.what))
+        .filter(|c| c.what != ChangeKind::Reloaded)
+        .map(|c| format!("pm_id {}: {c}", c.pm_id))
         .collect();
     if reply.error.is_none() && !bad.is_empty() {
         reply.error = Some(ControlError::new(
@@ -1018,7 +992,6 @@ async fn fan_out(
     ctx: &Ctx,
     id: Uuid,
     target: &Target,
-    verb: &str,
     empty_ok: bool,
     within: Duration,
     make: impl Fn(Vec<u32>) -> Request,
@@ -1032,7 +1005,7 @@ async fn fan_out(
         return Err(not_found(target));
     }
     let reqs = sel.into_iter().map(|(h, ids)| (h, make(ids))).collect();
-    Ok(merge(id, ask_all(ctx, reqs, within).await, verb))
+    Ok(merge(id, ask_all(ctx, reqs, within).await, Merge::AsIs))
 }
 
 async fn send(ctx: &Ctx, r: SendRequest) -> Result<Reply, ControlError> {
@@ -1040,7 +1013,6 @@ async fn send(ctx: &Ctx, r: SendRequest) -> Result<Reply, ControlError> {
         ctx,
         r.request_id,
         &r.target,
-        "send",
         false,
         READ_TIMEOUT * 5,
         |ids| {
@@ -1061,7 +1033,6 @@ async fn signal(ctx: &Ctx, r: SignalRequest) -> Result<Reply, ControlError> {
         ctx,
         r.request_id,
         &r.target,
-        "signal",
         false,
         READ_TIMEOUT * 5,
         |ids| {
@@ -1081,7 +1052,6 @@ async fn logs(ctx: &Ctx, r: LogsRequest) -> Result<Reply, ControlError> {
         ctx,
         r.request_id,
         &r.target,
-        "logs",
         true,
         READ_TIMEOUT * 2,
         |ids| {

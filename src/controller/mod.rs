@@ -15,8 +15,10 @@ use crate::bus::dedupe::Dedupe;
 use crate::bus::{self, BusError, store::Store};
 use crate::config::Settings;
 use crate::protocol::Subjects;
-use crate::protocol::control::{ControlError, ErrorKind, Reply};
+use crate::protocol::error::{ControlError, ErrorKind};
+use crate::protocol::event::{HostEventKind, ProcessEvent};
 use crate::protocol::fleet::{Heartbeat, HostEvent, HostView};
+use crate::protocol::reply::Reply;
 use crate::protocol::state;
 use crate::protocol::subjects::Parsed;
 use futures::StreamExt;
@@ -32,11 +34,6 @@ pub const QUEUE_GROUP: &str = "flotilla-controllers";
 
 /// Replies remembered for repeated request ids.
 const REMEMBERED: usize = 4096;
-
-/// The verbs the controller answers.
-pub const API_VERBS: &[&str] = &[
-    "start", "stop", "restart", "reload", "delete", "scale", "ls", "send", "signal", "logs", "info",
-];
 
 /// The controller could not run.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +71,7 @@ pub(crate) struct Ctx {
     joined: tokio::sync::Notify,
     /// Every process as last seen: from `ls` answers and lifecycle events (what `ls` shows for
     /// a host that does not answer).
-    procs: Mutex<BTreeMap<(String, u32), crate::protocol::control::ProcessInfo>>,
+    procs: Mutex<BTreeMap<(String, u32), crate::protocol::reply::ProcessInfo>>,
     /// One lock per app: the verbs that change an app run one at a time for it (their plans
     /// read the desired state, then write it).
     app_locks: Mutex<BTreeMap<crate::protocol::AppKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -172,7 +169,7 @@ pub async fn run_ready(
                 // An agent says `online` before its first heartbeat: it can be placed on at
                 // once (a local stack's first `start` comes right after its agent is up).
                 match serde_json::from_slice::<HostEvent>(&m.payload) {
-                    Ok(ev) if ev.event == "online" => {
+                    Ok(ev) if ev.event == HostEventKind::Online => {
                         let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
                         if !f.contains_key(&ev.host) {
                             f.insert(ev.host.clone(), Seen { at: Instant::now(), beat: Heartbeat {
@@ -197,7 +194,7 @@ pub async fn run_ready(
                             ctx.joined.notify_waiters();
                         }
                     }
-                    Ok(ev) if ev.event == "offline" => {
+                    Ok(ev) if ev.event == HostEventKind::Offline => {
                         fleet.lock().unwrap_or_else(|p| p.into_inner()).remove(&ev.host);
                     }
                     Ok(_) => {}
@@ -224,7 +221,11 @@ impl Ctx {
     fn saw_event(&self, env: crate::protocol::Envelope) {
         let key = (env.process.host.clone(), env.process.pm_id);
         let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
-        if env.event.as_ref().is_some_and(|e| e.event == "delete") {
+        if env
+            .event
+            .as_ref()
+            .is_some_and(|e| e.event == ProcessEvent::Delete)
+        {
             procs.remove(&key);
             return;
         }
@@ -233,14 +234,14 @@ impl Ctx {
             None => {
                 procs.insert(
                     key,
-                    crate::protocol::control::ProcessInfo::from_meta(env.process),
+                    crate::protocol::reply::ProcessInfo::from_meta(env.process),
                 );
             }
         }
     }
 
     /// Records the processes a host reported (all of them: the others are gone).
-    pub(crate) fn saw_list(&self, host: &str, list: &[crate::protocol::control::ProcessInfo]) {
+    pub(crate) fn saw_list(&self, host: &str, list: &[crate::protocol::reply::ProcessInfo]) {
         let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         procs.retain(|(h, _), _| h != host);
         for p in list {
@@ -249,7 +250,7 @@ impl Ctx {
     }
 
     /// The processes of `host` as last seen.
-    pub(crate) fn last_seen(&self, host: &str) -> Vec<crate::protocol::control::ProcessInfo> {
+    pub(crate) fn last_seen(&self, host: &str) -> Vec<crate::protocol::reply::ProcessInfo> {
         self.procs
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -48,6 +48,11 @@ impl Status {
     pub fn is_running(&self) -> bool {
         matches!(self, Status::Launching | Status::Online | Status::Stopping)
     }
+
+    /// True for processes that exist in the table and are not in a terminal state.
+    pub fn is_alive(&self) -> bool {
+        self.is_running() || *self == Status::WaitingRestart
+    }
 }
 
 /// pm2's exec modes.
@@ -98,11 +103,10 @@ pub struct ProcessMeta {
 }
 
 /// Lifecycle event fields, at the envelope's top level as in pm2's `process:event`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventFields {
-    /// pm2 event name (`start`, `online`, `exit`, `restart`, `stop`, `delete`, `restart overlimit`)
-    /// or ours (`ready`, `dropped`, `ipc:error`, `spawn:error`).
-    pub event: String,
+    /// pm2's event name or ours.
+    pub event: super::event::ProcessEvent,
     /// True for actions a user (CLI/API) asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manually: Option<bool>,
@@ -128,10 +132,16 @@ pub struct EventFields {
 
 impl EventFields {
     /// An event with just its name.
-    pub fn named(event: &str) -> Self {
+    pub fn named(event: super::event::ProcessEvent) -> Self {
         Self {
-            event: event.to_string(),
-            ..Self::default()
+            event,
+            manually: None,
+            exit_code: None,
+            signal: None,
+            count: None,
+            since: None,
+            until: None,
+            reason: None,
         }
     }
     /// Marks a user-initiated action.
@@ -220,6 +230,7 @@ pub fn encode_meta(meta: &ProcessMeta) -> Box<RawValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::event::ProcessEvent;
 
     fn meta() -> ProcessMeta {
         ProcessMeta {
@@ -269,7 +280,7 @@ mod tests {
         let ev = EventFields {
             exit_code: Some(1),
             signal: None,
-            ..EventFields::named("exit")
+            ..EventFields::named(ProcessEvent::Exit)
         };
         let bytes = encode(&EnvelopeOut {
             at: 1,
@@ -284,7 +295,7 @@ mod tests {
         assert_eq!(v["exit_code"], 1);
         assert!(v.get("signal").is_none());
         let back: Envelope = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(back.event.unwrap().event, "exit");
+        assert_eq!(back.event.unwrap().event, ProcessEvent::Exit);
     }
 
     #[test]

@@ -77,8 +77,8 @@ pub struct HostEvent {
     pub id: Uuid,
     /// Host id.
     pub host: String,
-    /// `online`, `offline`, `lost`, `back`, `draining`.
-    pub event: String,
+    /// What happened.
+    pub event: super::event::HostEventKind,
     /// Agent version.
     #[serde(default)]
     pub version: String,

@@ -2,7 +2,7 @@
 //! the sockets an agent binds once per app and hands to every instance systemd-style
 //! (`LISTEN_FDS`, fds from 3). Pure: parsing and naming only.
 
-use super::control::{ControlError, ErrorKind};
+use super::error::{ControlError, ErrorKind};
 use std::fmt;
 use std::path::PathBuf;
 

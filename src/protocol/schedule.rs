@@ -1,7 +1,7 @@
 //! pm2's `cron_restart` patterns (5 fields, or 6 with seconds first; local time; `"0"` or an
 //! empty pattern means none, as in pm2) and `watch` (restart when files change). Pure.
 
-use super::control::{ControlError, ErrorKind};
+use super::error::{ControlError, ErrorKind};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Signal names as users write them (`SIGUSR2`, `USR2`, `12`) and as events carry them.
 
-use crate::protocol::control::{ControlError, ErrorKind};
+use super::error::{ControlError, ErrorKind};
 use nix::sys::signal::Signal;
 use std::str::FromStr;
 

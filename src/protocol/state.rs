@@ -7,7 +7,7 @@
 //! converges to it, and keeps a local copy so a missing controller or a NATS outage never stops
 //! running workers.
 
-use super::control::AppSpec;
+use super::app::AppSpec;
 use super::subjects::{AppKey, HostId};
 use serde::{Deserialize, Serialize};
 
@@ -111,40 +111,6 @@ impl AssignedApp {
         let ids: std::collections::BTreeSet<u32> = self.spec.pm_ids.iter().copied().collect();
         self.stopped.retain(|id| ids.contains(id));
     }
-}
-
-/// `pmctl.api.start`: place an app's instances on the fleet.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApiStartRequest {
-    /// Idempotency key.
-    pub request_id: uuid::Uuid,
-    /// The app (`instances` is the total across the fleet).
-    pub app: AppSpec,
-    /// Only these hosts (`--host`, repeatable); empty means any live host.
-    #[serde(default)]
-    pub hosts: Vec<String>,
-    /// Only hosts with these labels (`--label k=v`).
-    #[serde(default)]
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Apply this spec to the app when it exists (restarting what changed, scaling to
-    /// `instances`) instead of refusing: pm2 `-f`, and what an ecosystem file does.
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// `pmctl.api.scale`: set an app's instance count.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ScaleRequest {
-    /// Idempotency key.
-    pub request_id: uuid::Uuid,
-    /// The app: `name` or `ns/name`.
-    pub app: super::control::Target,
-    /// The new total across the fleet (ignored when `change` is set).
-    #[serde(default)]
-    pub instances: u32,
-    /// A change of the current count instead (`scale api +2` is `Some(2)`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub change: Option<i64>,
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use super::nats::{self, Event};
 use super::{Paths, READY_WAIT, StackError, StackInfo, io_err, lock, remove_if_present, tail};
 use crate::config::{NatsSettings, Settings};
 use crate::protocol::envelope::now_ms;
+use crate::protocol::event::HostEventKind;
 use crate::protocol::fleet::HostEvent;
 use crate::protocol::{HostId, Subjects};
 use futures::StreamExt;
@@ -279,7 +280,7 @@ pub async fn daemon(
             m = online.next(), if !agent_up => match m {
                 Some(m) => {
                     agent_up = serde_json::from_slice::<HostEvent>(&m.payload)
-                        .is_ok_and(|e| e.event == "online");
+                        .is_ok_and(|e| e.event == HostEventKind::Online);
                 }
                 None => break Some("the subscription to the agent's host events ended".into()),
             },

@@ -4,7 +4,8 @@
 
 use async_nats::{Client, Subscriber};
 use flotilla::config::Settings;
-use flotilla::protocol::control::{Reply, Request, StartRequest, TargetRequest};
+use flotilla::protocol::control::{Request, StartRequest, TargetRequest};
+use flotilla::protocol::reply::Reply;
 use flotilla::protocol::{AppSpec, Envelope, Target};
 use futures::StreamExt;
 use std::io::{BufRead, BufReader};
@@ -393,7 +394,11 @@ impl Watch {
     /// Waits for a `process:event` named `event` for `pm_id`.
     pub async fn event(&mut self, pm_id: u32, event: &str) -> Seen {
         self.until(&format!("event '{event}' of pm_id {pm_id}"), |s| {
-            s.env.process.pm_id == pm_id && s.env.event.as_ref().is_some_and(|e| e.event == event)
+            s.env.process.pm_id == pm_id
+                && s.env
+                    .event
+                    .as_ref()
+                    .is_some_and(|e| e.event.as_str() == event)
         })
         .await
     }
@@ -403,7 +408,11 @@ impl Watch {
     pub async fn all_online(&mut self, ids: &[u32]) {
         let mut left: std::collections::BTreeSet<u32> = ids.iter().copied().collect();
         self.until(&format!("online of pm_ids {ids:?}"), |s| {
-            if s.env.event.as_ref().is_some_and(|e| e.event == "online") {
+            if s.env
+                .event
+                .as_ref()
+                .is_some_and(|e| e.event.as_str() == "online")
+            {
                 left.remove(&s.env.process.pm_id);
             }
             left.is_empty()
