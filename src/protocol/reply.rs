@@ -126,12 +126,16 @@ impl Change {
     }
 }
 
+/// For people, as pm2 users read it: `sent SIGUSR2`, `restarted with the new options`,
+/// `reloaded (a restart: ...)`, `not sent: the worker closed its channel`.
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.detail.is_empty() {
-            write!(f, "{}", self.what)
-        } else {
-            write!(f, "{} ({})", self.what, self.detail)
+        let (what, detail) = (self.what, &self.detail);
+        match what {
+            _ if detail.is_empty() => write!(f, "{what}"),
+            ChangeKind::Sent | ChangeKind::Restarted => write!(f, "{what} {detail}"),
+            ChangeKind::Reloaded => write!(f, "{what} ({detail})"),
+            _ => write!(f, "{what}: {detail}"),
         }
     }
 }
@@ -343,7 +347,18 @@ mod tests {
             serde_json::json!({"pm_id": 3, "what": "not restarted", "detail": "spawn failed"})
         );
         assert_eq!(serde_json::from_value::<Change>(v).unwrap(), c);
-        assert_eq!(c.to_string(), "not restarted (spawn failed)");
+        assert_eq!(c.to_string(), "not restarted: spawn failed");
+        assert_eq!(
+            Change::new(3, Sent).detail("SIGUSR2").to_string(),
+            "sent SIGUSR2"
+        );
+        assert_eq!(
+            Change::new(3, Reloaded)
+                .detail("a restart: it shares no listening socket")
+                .to_string(),
+            "reloaded (a restart: it shares no listening socket)"
+        );
+        assert_eq!(Change::new(3, Stopped).to_string(), "stopped");
         assert_eq!(
             serde_json::to_value(Change::new(1, Started)).unwrap(),
             serde_json::json!({"pm_id": 1, "what": "started"})
