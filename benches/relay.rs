@@ -555,7 +555,7 @@ fn tail(sorted: &[i64]) -> Option<[f64; 3]> {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    flotilla::agent::spawn::which(name, None)
+    flotilla::which::which(name, None)
 }
 
 /// Reads lines from a child's stdout, returning the first one for which `f` says yes.
@@ -1065,7 +1065,7 @@ impl Bench {
     /// The same envelopes published straight from this process with async-nats (one client,
     /// as the agent has), flat out (`rate` 0) from one task, or paced from one thread per
     /// simulated worker; with `via_relay`, paced through the agent's own relay queue and
-    /// publisher task (`flotilla::bus::Relay`) instead of calling async-nats directly.
+    /// publisher task (`flotilla::agent::publisher::Relay`) instead of calling async-nats directly.
     async fn raw_case(
         &mut self,
         app: &str,
@@ -1110,9 +1110,9 @@ impl Bench {
             let handle = tokio::runtime::Handle::current();
             let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
             let relay = via_relay.then(|| {
-                flotilla::bus::Relay::start(
+                flotilla::agent::publisher::Relay::start(
                     std::future::ready(Some(publisher.clone())),
-                    flotilla::bus::QueueLimits {
+                    flotilla::agent::publisher::QueueLimits {
                         messages: 16_384,
                         bytes: 32 << 20,
                         max_wait: Duration::from_millis(250),
@@ -1125,7 +1125,7 @@ impl Bench {
                 let (subject, done) = (subject.clone(), done.clone());
                 let relay = relay.clone();
                 threads.push(std::thread::spawn(move || {
-                    use flotilla::bus::Outgoing;
+                    use flotilla::agent::publisher::Outgoing;
                     let dropping = std::sync::atomic::AtomicBool::new(false);
                     for i in 1..=per_worker {
                         pace(t0 + period * (i as u32 - 1));
@@ -1560,8 +1560,8 @@ struct Stages {
 
 fn stages(url: String, lines: u64) -> Res<Stages> {
     use flotilla::agent::ipc::{Frame, LineReader};
+    use flotilla::agent::publisher::Relay;
     use flotilla::agent::relay::RelayHub;
-    use flotilla::bus::Relay;
     use flotilla::protocol::envelope::{self, EnvelopeOut};
     use flotilla::protocol::message::{Classified, classify};
     use flotilla::protocol::{AppKey, ExecMode, ProcessMeta, Status, Subjects};
@@ -1579,7 +1579,7 @@ fn stages(url: String, lines: u64) -> Res<Stages> {
         // An eighth of the capacity is reserved for events: room for every line.
         let relay = Relay::start(
             std::future::ready(Some(client.clone())),
-            flotilla::bus::QueueLimits {
+            flotilla::agent::publisher::QueueLimits {
                 messages: 2 * lines as usize,
                 bytes: 1 << 30,
                 max_wait: Duration::from_millis(250),

@@ -11,3 +11,4 @@ pub mod config;
 pub mod controller;
 pub mod protocol;
 pub mod stack;
+pub mod which;

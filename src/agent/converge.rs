@@ -1,4 +1,4 @@
-//! Convergence (issue 4): what an agent must do to make its process table match its
+//! Convergence: what an agent must do to make its process table match its
 //! [`Assignment`]. Pure: the supervisor applies the plan.
 //!
 //! Rules: a pm_id assigned and absent is started; a pm_id present and no longer assigned is
@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// One process as the table has it.
 #[derive(Debug, Clone)]
 pub struct Have<'a> {
-    /// pm_id
+    /// The process (its pm_id).
     pub pm_id: u32,
-    /// Its spec.
+    /// The options it runs with now.
     pub spec: &'a AppSpec,
     /// True while it runs (or is about to).
     pub alive: bool,

@@ -1,4 +1,4 @@
-//! The agent's local copy of its assignment (issue 4), so a missing controller or a NATS outage
+//! The agent's local copy of its assignment, so a missing controller or a NATS outage
 //! never stops or forgets running workers. Written atomically: a temporary file in the same
 //! folder, fsync, rename over the old copy, fsync the folder. A crash at any point leaves either
 //! the old copy or the new one, never a torn file (pm2 users lost process lists this way, #2653).

@@ -12,6 +12,7 @@ pub mod converge;
 pub mod ipc;
 pub mod local;
 pub mod policy;
+pub mod publisher;
 pub mod relay;
 pub use crate::protocol::signals;
 pub mod sockets;
@@ -22,13 +23,14 @@ pub mod tail;
 pub mod watch;
 pub mod worker;
 
-use crate::bus::{self, BusError, Outgoing, Relay};
+use crate::bus::{self, BusError};
 use crate::config::Settings;
 use crate::protocol::envelope::now_ms;
 use crate::protocol::event::HostEventKind;
 use crate::protocol::fleet::{Heartbeat, HostEvent};
 use crate::protocol::state::{self, Assignment};
 use crate::protocol::{HostId, Subjects};
+use publisher::{Outgoing, Relay};
 use relay::RelayHub;
 use std::future::Future;
 use std::sync::Arc;
@@ -70,7 +72,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let relay_tasks = TaskTracker::new();
     let relay = Relay::start(
         async move { client_rx.await.ok() },
-        bus::QueueLimits {
+        publisher::QueueLimits {
             messages: settings.relay.buffer,
             bytes: settings.relay.buffer_bytes,
             max_wait: settings.relay.max_wait,
@@ -81,7 +83,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         settings
             .relay
             .max_message
-            .unwrap_or(bus::DEFAULT_MAX_MESSAGE),
+            .unwrap_or(publisher::DEFAULT_MAX_MESSAGE),
     );
     let hub = Arc::new(RelayHub::new(relay.clone(), subjects.clone()));
     let tasks = TaskTracker::new();

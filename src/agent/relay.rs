@@ -1,7 +1,7 @@
 //! Per-worker side of the relay: builds envelopes with the process metadata and queues them on
 //! the shared [`Relay`]; counts and reports drops and faulty channel lines.
 
-use crate::bus::{Outgoing, Relay};
+use super::publisher::{Outgoing, Relay};
 use crate::protocol::envelope::{self, EnvelopeOut, EventFields, ProcessMeta, now_ms};
 use crate::protocol::event::ProcessEvent;
 use crate::protocol::message::Classified;

@@ -40,25 +40,6 @@ pub fn interpreter_for(script: &Path) -> &'static str {
     }
 }
 
-/// Finds `name` on `PATH` (or checks it, when it has a slash).
-pub fn which(name: &str, path_var: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
-    let is_exec = |p: &Path| {
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if name.contains('/') {
-        let p = PathBuf::from(name);
-        return is_exec(&p).then_some(p);
-    }
-    let path = path_var
-        .map(OsString::from)
-        .or_else(|| std::env::var_os("PATH"))?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_exec(p))
-}
-
 /// Resolves the spec on this host; errors name the host and say how to fix.
 pub fn resolve(spec: &AppSpec, host: &str) -> Result<Launch, ControlError> {
     let script = if spec.script.is_absolute() {
@@ -121,7 +102,7 @@ pub fn resolve(spec: &AppSpec, host: &str) -> Result<Launch, ControlError> {
         }
         (script.clone(), vec![])
     } else {
-        let prog = which(&interpreter, path_var).ok_or_else(|| {
+        let prog = crate::which::which(&interpreter, path_var).ok_or_else(|| {
             ControlError::new(
                 ErrorKind::InterpreterNotFound,
                 format!(
@@ -167,13 +148,13 @@ pub fn is_node_cluster(launch: &Launch) -> bool {
 
 /// Identity of one instance, for its environment.
 pub struct Identity<'a> {
-    /// pm_id
+    /// The fleet-wide process id (`pm_id`, `NODE_APP_INSTANCE` is [`Self::instance`]).
     pub pm_id: u32,
-    /// app name
+    /// The app (`name` in the worker's environment).
     pub name: &'a str,
-    /// namespace
+    /// The app's namespace (`namespace` in the environment).
     pub namespace: &'a str,
-    /// instance number
+    /// The instance number the worker sees as `NODE_APP_INSTANCE` (or `instance_var`).
     pub instance: u32,
     /// instances of the app
     pub instances: u32,
@@ -253,9 +234,9 @@ pub struct Spawned {
     pub pid: u32,
     /// The agent's end of the IPC channel.
     pub ipc: OwnedFd,
-    /// stdout pipe.
+    /// The worker's stdout, read by the log pump.
     pub stdout: tokio::process::ChildStdout,
-    /// stderr pipe.
+    /// The worker's stderr, read by the log pump.
     pub stderr: tokio::process::ChildStderr,
 }
 
@@ -301,11 +282,11 @@ pub fn spawn(
             listen.len()
         )));
     }
+    let agent = std::process::id() as libc::pid_t;
     // SAFETY: runs in the child between fork and exec and only calls prctl and getppid, which
     // are async-signal-safe, with plain integers. The "parent" whose death fires it is the thread
     // that forks: the supervisor runs on the runtime's worker threads, which live as long as the
     // agent (nothing in the agent turns one into a blocking thread).
-    let agent = std::process::id() as libc::pid_t;
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(
@@ -422,7 +403,7 @@ mod tests {
         spec.instances = Some(4);
         assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Fork);
         spec.interpreter = Some("node".into());
-        if which("node", None).is_some() {
+        if crate::which::which("node", None).is_some() {
             assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Cluster);
             spec.instances = None;
             assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Fork);

@@ -84,7 +84,7 @@ impl CpuMeter {
 pub struct HostSample {
     /// One-minute load average.
     pub load1: f64,
-    /// CPUs.
+    /// Logical CPUs of the host (the load average's scale).
     pub cpus: u32,
     /// MemTotal, bytes.
     pub mem_total: u64,

@@ -2,9 +2,9 @@
 //! (log files + `log:*`), the IPC reader (relay) and the IPC writer.
 
 use super::ipc::{self, Frame, LineReader, OutFrame};
+use super::publisher::Outgoing;
 use super::relay::WorkerRelay;
 use super::spawn::Spawned;
-use crate::bus::Outgoing;
 use crate::protocol::message::{Classified, classify};
 use crate::protocol::subjects::kind;
 use std::path::PathBuf;

@@ -643,7 +643,7 @@ mod tests {
     fn the_example_files_load() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let mut names = vec!["ecosystem.toml", "ecosystem.yaml", "ecosystem.json"];
-        if crate::agent::spawn::which("node", None).is_some() {
+        if crate::which::which("node", None).is_some() {
             names.push("ecosystem.config.js");
         }
         let mut seen = vec![];

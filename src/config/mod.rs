@@ -50,15 +50,15 @@ pub struct NatsSettings {
     pub url: Option<String>,
     /// Credentials file (JWT + nkey seed).
     pub creds: Option<PathBuf>,
-    /// User name.
+    /// User for user/password auth (with `password`).
     pub user: Option<String>,
-    /// Password.
+    /// Password for user/password auth; never logged.
     pub password: Option<String>,
-    /// Token.
+    /// Token for token auth; never logged.
     pub token: Option<String>,
-    /// Nkey seed.
+    /// The nkey seed (`SU...`) for nkey auth; never logged.
     pub nkey: Option<String>,
-    /// TLS files.
+    /// TLS: the CA to trust, and a client certificate and key (together).
     pub tls: TlsSettings,
     /// The port the local stack's nats-server takes when it is free (unset: 4222); 0: any free
     /// port. Only for the local stack (`url` unset).
@@ -125,7 +125,7 @@ pub struct StreamSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// NATS connection.
+    /// How to reach NATS: URL, auth, TLS, the local stack's port.
     pub nats: NatsSettings,
     /// Home directory (logs, local state); default `~/.flotilla`.
     pub home: PathBuf,
@@ -142,9 +142,9 @@ pub struct Settings {
     /// Silence after which the controller declares a host lost.
     #[serde(with = "duration::ms")]
     pub host_lost_after: Duration,
-    /// Relay queue.
+    /// The relay queue between workers and NATS: its bounds and waits.
     pub relay: RelaySettings,
-    /// Replay stream.
+    /// The optional JetStream replay stream over `pm.>` (not used yet).
     pub stream: StreamSettings,
 }
 

@@ -99,7 +99,7 @@ pub enum Target {
     Name {
         /// `None` matches any namespace.
         namespace: Option<String>,
-        /// App name.
+        /// The app name (`[A-Za-z0-9_-]+`).
         name: String,
     },
 }

@@ -71,9 +71,9 @@ pub enum ExecMode {
 pub struct ProcessMeta {
     /// Id, unique across the fleet once the controller allocates it.
     pub pm_id: u32,
-    /// App name.
+    /// The app (`[A-Za-z0-9_-]+`).
     pub name: String,
-    /// Namespace.
+    /// The app's namespace (`default` unless set).
     pub namespace: String,
     /// Revision (pm2's `rev`; null unless known).
     #[serde(default)]
@@ -83,7 +83,7 @@ pub struct ProcessMeta {
     /// OS pid, 0 when not running.
     #[serde(default)]
     pub pid: u32,
-    /// `NODE_APP_INSTANCE`.
+    /// The instance number, 0..N-1 over the fleet (`NODE_APP_INSTANCE`).
     #[serde(default)]
     pub instance: u32,
     /// `fork` or `cluster`.
@@ -192,7 +192,7 @@ pub struct Envelope {
     /// Lifecycle fields (`process:event` only).
     #[serde(flatten, default)]
     pub event: Option<EventFields>,
-    /// Unique id.
+    /// Unique per message (also the `Nats-Msg-Id` header): consumers dedupe by it.
     pub id: Uuid,
 }
 

@@ -25,17 +25,17 @@ pub struct Heartbeat {
     pub at: u64,
     /// Unique id (also `Nats-Msg-Id`).
     pub id: Uuid,
-    /// Host id.
+    /// The agent's host id (`host_id`).
     pub host: String,
-    /// Host labels.
+    /// The host's labels (`labels`), which placement matches.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Agent version.
+    /// The agent's version (`CARGO_PKG_VERSION`).
     pub version: String,
     /// Processes in the table.
     #[serde(default)]
     pub processes: u32,
-    /// Processes online.
+    /// How many of those processes are online.
     #[serde(default)]
     pub online: u32,
     /// Agent CPU percent (of one core) since the previous heartbeat.
@@ -75,14 +75,14 @@ pub struct HostEvent {
     pub at: u64,
     /// Unique id.
     pub id: Uuid,
-    /// Host id.
+    /// The agent's host id (`host_id`).
     pub host: String,
     /// What happened.
     pub event: super::event::HostEventKind,
-    /// Agent version.
+    /// The agent's version.
     #[serde(default)]
     pub version: String,
-    /// Host labels.
+    /// The host's labels, which placement matches.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -90,12 +90,12 @@ pub struct HostEvent {
 /// A host as the controller sees it (`info` and `hosts` replies).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostView {
-    /// Host id.
+    /// The agent's host id.
     pub host: String,
-    /// Host labels.
+    /// The host's labels, which placement matches.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Agent version.
+    /// The agent's version, as its last heartbeat said.
     #[serde(default)]
     pub version: String,
     /// `online` (heard from within `host_lost_after`) or `lost`.
@@ -106,10 +106,10 @@ pub struct HostView {
     /// Processes in its table.
     #[serde(default)]
     pub processes: u32,
-    /// Processes online.
+    /// How many of its processes are online.
     #[serde(default)]
     pub online: u32,
-    /// CPUs.
+    /// Logical CPUs of the host.
     #[serde(default)]
     pub cpus: u32,
     /// One-minute load average.

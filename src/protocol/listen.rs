@@ -13,7 +13,7 @@ pub enum ListenAddr {
     Tcp {
         /// Host or IP; empty for any.
         host: String,
-        /// Port.
+        /// TCP port (1-65535; 0 is refused).
         port: u16,
     },
     /// A Unix stream socket at an absolute path.

@@ -143,19 +143,19 @@ impl fmt::Display for Change {
 /// The last lines of one log file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogTail {
-    /// The process.
+    /// The process whose log file this is.
     pub pm_id: u32,
-    /// App name.
+    /// The app (`name`).
     pub name: String,
-    /// Namespace.
+    /// The app's namespace.
     #[serde(default)]
     pub namespace: String,
-    /// Host.
+    /// The host whose agent read the file.
     #[serde(default)]
     pub host: String,
     /// `out` or `err`.
     pub stream: String,
-    /// The file.
+    /// Where the file is, on that host.
     pub path: PathBuf,
     /// The lines, oldest first, without newlines.
     pub lines: Vec<String>,
@@ -188,7 +188,7 @@ pub struct ProcessInfo {
     /// Last exit code, if any.
     #[serde(default)]
     pub exit_code: Option<i32>,
-    /// Script path.
+    /// The script as the agent resolved it (absolute).
     #[serde(default)]
     pub script: PathBuf,
     /// Working directory.
@@ -228,7 +228,7 @@ impl ProcessInfo {
 /// The agent's own figures, in `list` replies and heartbeats.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentStats {
-    /// Host id.
+    /// The host the agent runs on (`host_id`).
     pub host: String,
     /// Version of the agent.
     pub version: String,
@@ -280,7 +280,7 @@ pub struct Reply {
 pub struct ControllerInfo {
     /// Its id (random at each start).
     pub id: Uuid,
-    /// Its version.
+    /// The controller's version (`CARGO_PKG_VERSION`).
     pub version: String,
     /// The host it runs on (hostname).
     pub host: String,

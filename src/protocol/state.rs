@@ -1,4 +1,4 @@
-//! Desired state as stored in JetStream KV (issue 4): what each host should run.
+//! Desired state as stored in JetStream KV: what each host should run.
 //!
 //! Keys (bucket [`BUCKET`]): `app.<namespace>.<name>` holds an app's [`AppRecord`] (its spec and
 //! placement constraints); `assign.<host>` holds that host's [`Assignment`] (which pm_ids of which
@@ -49,7 +49,7 @@ pub struct AppRecord {
 /// What one host should run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Assignment {
-    /// The host.
+    /// The host this assignment is for (also in its key, `assign.<host>`).
     pub host: String,
     /// Apps with their pm_ids on this host.
     #[serde(default)]

@@ -345,7 +345,7 @@ pub async fn ensure(
         check_version(&info, progress);
         return Ok(info);
     }
-    if proc::find_in_path("nats-server").is_none() {
+    if crate::which::which("nats-server", None).is_none() {
         return Err(StackError::NatsServerMissing);
     }
     if remove_if_present(&paths.info)? {

@@ -1,23 +1,9 @@
-//! Process helpers: PATH lookup, pidfds (signal a process without racing pid reuse, await its
+//! Process helpers: pidfds (signal a process without racing pid reuse, await its
 //! exit as an event), plain signals.
 
 use nix::sys::signal::Signal;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::time::Duration;
-
-/// `name` on `$PATH`, as `execvp` would find it.
-pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
-    find_in(name, &std::env::var_os("PATH")?)
-}
-
-fn find_in(name: &str, path: &std::ffi::OsStr) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::split_paths(path).map(|d| d.join(name)).find(|p| {
-        p.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
-}
 
 /// A pidfd: refers to one process even after its pid is reused.
 #[derive(Debug)]
@@ -82,19 +68,6 @@ pub(crate) fn comm_is(pid: u32, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn path_lookup_finds_executables_only() {
-        let d = tempfile::tempdir().unwrap();
-        let exe = d.path().join("tool");
-        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
-        let path = std::env::join_paths([d.path()]).unwrap();
-        assert_eq!(find_in("tool", &path), None, "not executable yet");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(find_in("tool", &path), Some(exe));
-        assert_eq!(find_in("nothing-here", &path), None);
-    }
 
     #[tokio::test]
     async fn a_pidfd_sees_its_process_exit() {
