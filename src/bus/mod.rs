@@ -7,6 +7,7 @@
 //! One publisher task keeps order: per worker, messages leave in the order they were read.
 
 pub mod dedupe;
+pub mod serve;
 pub mod store;
 
 use crate::config::Settings;
