@@ -33,69 +33,69 @@ pub(crate) fn info(ctx: &Ctx, id: Option<Uuid>) -> Reply {
     r
 }
 
-/// Asks every agent holding processes that `target` names, each request made by `make` from
-/// that host's pm_ids; the replies merged. With nothing selected: not found (or an empty reply
-/// for `all`, when `empty_ok`).
+/// Longest `send` and `signal` wait for an agent.
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(READ_TIMEOUT.as_secs() * 5);
+
+/// Asks every agent holding processes that `target` names for `req`, aimed at that host's
+/// pm_ids; the replies merged. With nothing selected: not found (or an empty reply for `all`,
+/// when `empty_ok`).
 async fn fan_out(
     ctx: &Ctx,
-    id: Uuid,
-    target: &Target,
+    (id, target): (Uuid, Target),
+    req: Request,
     empty_ok: bool,
     within: Duration,
-    make: impl Fn(Vec<u32>) -> Request,
 ) -> Result<Reply, ControlError> {
-    let sel = select(&desired::read(&ctx.store).await?, target);
+    let sel = select(&desired::read(&ctx.store).await?, &target);
     if sel.is_empty() {
-        if empty_ok && *target == Target::All {
+        if empty_ok && target == Target::All {
             return Ok(Reply::ok(Some(id), CTL));
         }
-        return Err(not_found(target));
+        return Err(not_found(&target));
     }
-    let reqs = sel.into_iter().map(|(h, ids)| (h, make(ids))).collect();
+    let reqs = sel
+        .into_iter()
+        .map(|(h, ids)| (h, aimed(&req, ids)))
+        .collect();
     Ok(merge(id, ask_all(ctx, reqs, within).await, Merge::AsIs))
+}
+
+/// `req` under a fresh request id, aimed at exactly `pm_ids` of those its target names.
+fn aimed(req: &Request, pm_ids: Vec<u32>) -> Request {
+    let mut req = req.clone();
+    let fresh = Uuid::new_v4();
+    match &mut req {
+        Request::Send(r) => (r.request_id, r.pm_ids) = (fresh, pm_ids),
+        Request::Signal(r) => (r.request_id, r.pm_ids) = (fresh, pm_ids),
+        Request::Logs(r) => (r.request_id, r.pm_ids) = (fresh, pm_ids),
+        Request::Stop(r)
+        | Request::Restart(r)
+        | Request::Reload(r)
+        | Request::Delete(r)
+        | Request::List(r) => (r.request_id, r.pm_ids) = (fresh, pm_ids),
+        // A start names its instances in its spec: never aimed.
+        Request::Start(r) => r.request_id = fresh,
+    }
+    req
 }
 
 /// `send`: a message to each process named.
 pub(crate) async fn send(ctx: &Ctx, r: SendRequest) -> Result<Reply, ControlError> {
-    let (id, target) = (r.request_id, r.target.clone());
-    fan_out(ctx, id, &target, false, READ_TIMEOUT * 5, |pm_ids| {
-        let request_id = Uuid::new_v4();
-        Request::Send(SendRequest {
-            request_id,
-            pm_ids,
-            ..r.clone()
-        })
-    })
-    .await
+    let asked = (r.request_id, r.target.clone());
+    fan_out(ctx, asked, r.into(), false, DELIVER_TIMEOUT).await
 }
 
 /// `signal`: a signal to each process named.
 pub(crate) async fn signal(ctx: &Ctx, r: SignalRequest) -> Result<Reply, ControlError> {
     crate::protocol::signals::parse(&r.signal)?;
-    let (id, target) = (r.request_id, r.target.clone());
-    fan_out(ctx, id, &target, false, READ_TIMEOUT * 5, |pm_ids| {
-        let request_id = Uuid::new_v4();
-        Request::Signal(SignalRequest {
-            request_id,
-            pm_ids,
-            ..r.clone()
-        })
-    })
-    .await
+    let asked = (r.request_id, r.target.clone());
+    fan_out(ctx, asked, r.into(), false, DELIVER_TIMEOUT).await
 }
 
 /// `logs`: the last lines of each process named, by pm_id and stream.
 pub(crate) async fn logs(ctx: &Ctx, r: LogsRequest) -> Result<Reply, ControlError> {
-    let (id, target) = (r.request_id, r.target.clone());
-    let mut reply = fan_out(ctx, id, &target, true, READ_TIMEOUT * 2, |pm_ids| {
-        let request_id = Uuid::new_v4();
-        Request::Logs(LogsRequest {
-            request_id,
-            pm_ids,
-            ..r.clone()
-        })
-    })
-    .await?;
+    let asked = (r.request_id, r.target.clone());
+    let mut reply = fan_out(ctx, asked, Request::Logs(r), true, READ_TIMEOUT * 2).await?;
     reply
         .logs
         .sort_by(|a, b| (a.pm_id, &a.stream).cmp(&(b.pm_id, &b.stream)));
@@ -115,23 +115,13 @@ pub(crate) async fn ls(ctx: &Ctx, r: TargetRequest) -> Reply {
         ),
         Err(e) => tracing::warn!("ls without the desired state: {e}"),
     }
-    let list = TargetRequest {
-        pm_ids: vec![],
+    let list = Request::List(TargetRequest {
         parallel: 1,
         ..r.clone()
-    };
+    });
     let reqs: Vec<(String, Request)> = hosts
         .into_iter()
-        .map(|host| {
-            let request_id = Uuid::new_v4();
-            (
-                host,
-                Request::List(TargetRequest {
-                    request_id,
-                    ..list.clone()
-                }),
-            )
-        })
+        .map(|host| (host, aimed(&list, vec![])))
         .collect();
     let results = ask_all(ctx, reqs, READ_TIMEOUT).await;
     let mut reply = Reply::ok(Some(r.request_id), CTL);
@@ -174,4 +164,33 @@ pub(crate) async fn ls(ctx: &Ctx, r: TargetRequest) -> Reply {
         reply.error = Some(not_found(&r.target));
     }
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fanned_out_request_is_aimed_at_one_hosts_pm_ids_under_its_own_id() {
+        let asked = SignalRequest {
+            request_id: Uuid::new_v4(),
+            target: Target::parse("api").expect("a valid name"),
+            signal: "SIGUSR2".into(),
+            pm_ids: vec![],
+        };
+        let Request::Signal(r) = aimed(&asked.clone().into(), vec![3, 5]) else {
+            panic!("still a signal")
+        };
+        assert_ne!(r.request_id, asked.request_id);
+        assert_eq!(
+            (r.pm_ids, r.target, r.signal),
+            (vec![3, 5], asked.target, asked.signal)
+        );
+        let list = Request::List(TargetRequest::new(Target::All));
+        let Request::List(r) = aimed(&list, vec![]) else {
+            panic!("still a list")
+        };
+        assert!(r.pm_ids.is_empty());
+        assert_ne!(list.request_id(), r.request_id);
+    }
 }
