@@ -243,6 +243,45 @@ mod tests {
         assert!(f.hosts().is_empty());
     }
 
+    fn event(host: &str, pm_id: u32, event: ProcessEvent) -> Envelope {
+        serde_json::from_value(serde_json::json!({
+            "at": now_ms(), "id": Uuid::new_v4(), "event": event.as_str(),
+            "process": {"pm_id": pm_id, "name": "api", "namespace": "default", "host": host,
+                        "app_id": Uuid::nil(), "pid": 40 + pm_id},
+        }))
+        .expect("a valid event")
+    }
+
+    #[test]
+    fn processes_as_last_seen_from_lists_and_events() {
+        let f = Fleet::new(Duration::from_secs(10));
+        let mut listed = ProcessInfo::from_meta(event("a", 1, ProcessEvent::Online).process);
+        listed.cpu = 12.5;
+        listed.memory = 1 << 20;
+        f.process_list("a", &[listed.clone()]);
+        f.process_event(event("a", 2, ProcessEvent::Online));
+        f.process_event(event("b", 7, ProcessEvent::Online));
+        let seen = f.last_seen("a");
+        assert_eq!(
+            seen.iter().map(|p| p.meta.pm_id).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        // Without live figures.
+        assert_eq!((seen[0].cpu, seen[0].memory), (0.0, 0));
+        // An event updates what a list said; a delete forgets the process.
+        let mut later = event("a", 1, ProcessEvent::Exit);
+        later.process.pid = 0;
+        f.process_event(later);
+        f.process_event(event("a", 2, ProcessEvent::Delete));
+        let seen = f.last_seen("a");
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].meta.pm_id, seen[0].meta.pid), (1, 0));
+        // A list is all a host has: what it leaves out is gone.
+        f.process_list("a", &[]);
+        assert!(f.last_seen("a").is_empty());
+        assert_eq!(f.last_seen("b").len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn online_places_a_host_at_once_without_hiding_its_heartbeat() {
         let f = Fleet::new(Duration::from_secs(10));
