@@ -1,27 +1,19 @@
-//! The agent's control plane: request/reply on `pmctl.agent.<host>.<verb>`.
-//!
-//! Each request runs in its own task (a `stop` waits for exits, and must not hold up a `list`).
-//! A request id seen before gets the first reply again, even while the first is still running.
+//! The agent's control plane: request/reply on `pmctl.agent.<host>.<verb>`, served by
+//! [`crate::bus::serve::Server`] (each request in its own task, repeats answered with the first
+//! reply, replies under a deadline).
 
 use super::supervisor::SupervisorHandle;
-use crate::bus::dedupe::Dedupe;
+use crate::bus::serve::Server;
 use crate::protocol::control::Request;
-use crate::protocol::error::{ControlError, ErrorKind};
 use crate::protocol::reply::Reply;
-use crate::protocol::subjects::{HostId, Parsed, Subjects};
-use async_nats::{Client, Message};
-use bytes::Bytes;
-use futures::StreamExt;
-use std::sync::Arc;
-use tokio::sync::Semaphore;
+use crate::protocol::subjects::{HostId, Subjects};
+use async_nats::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Replies remembered for repeated request ids.
-const REMEMBERED: usize = 4096;
-/// Longest a reply may wait for the NATS client.
-const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Requests handled at once.
+/// Requests handled at once: a `stop` may wait a grace period for its exits, and the requests
+/// behind it (a `list`, the controller's next verb) must not wait for it; past this many the
+/// agent stops reading and NATS holds the rest.
 const CONCURRENT: usize = 64;
 
 /// Serves control requests until `cancel` fires.
@@ -33,95 +25,26 @@ pub async fn serve(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut sub = client.subscribe(subjects.agent_wildcard(&host)).await?;
+    let sub = client.subscribe(subjects.agent_wildcard(&host)).await?;
     // The subscription is registered on the server once this flush returns, so whoever sees
     // the agent's `online` host event can already send commands.
     if let Err(e) = client.flush().await {
         tracing::warn!("flush after subscribing failed: {e}");
     }
-    let dedupe = Arc::new(Dedupe::new(REMEMBERED));
-    let permits = Arc::new(Semaphore::new(CONCURRENT));
-    let ctx = Arc::new((client.clone(), subjects, host, sup));
-    tracker.spawn({
-        let cancel = cancel.clone();
-        let tracker = tracker.clone();
+    let server = Server::new(client, subjects, host.as_str(), CONCURRENT);
+    let handler = move |verb: String, body: bytes::Bytes| {
+        let sup = sup.clone();
+        let host = host.clone();
         async move {
-            loop {
-                let msg = tokio::select! {
-                    m = sub.next() => m,
-                    _ = cancel.cancelled() => break,
-                };
-                let Some(msg) = msg else { break };
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let ctx = ctx.clone();
-                let dedupe = dedupe.clone();
-                tracker.spawn(async move {
-                    handle(&ctx.0, &ctx.1, &ctx.2, &ctx.3, &dedupe, msg).await;
-                    drop(permit);
-                });
+            match Request::parse(&verb, &body) {
+                Err(e) => Reply::err(None, host.as_str(), e),
+                Ok(req) => {
+                    tracing::debug!(verb, id = %req.request_id(), "request");
+                    sup.request(req, host.as_str()).await
+                }
             }
-            // Dropping unsubscribes without waiting: `unsubscribe().await` would block on a
-            // full client queue while NATS is down, and with it the agent's shutdown.
-            drop(sub);
         }
-    });
+    };
+    server.spawn(sub, handler, cancel, &tracker);
     Ok(())
-}
-
-async fn handle(
-    client: &Client,
-    subjects: &Subjects,
-    host: &HostId,
-    sup: &SupervisorHandle,
-    dedupe: &Dedupe,
-    msg: Message,
-) {
-    let Some(reply_to) = msg.reply.clone() else {
-        tracing::warn!(subject = %msg.subject, "control message without a reply subject ignored: use request/reply");
-        return;
-    };
-    let verb = match subjects.parse(&msg.subject) {
-        Some(Parsed::AgentCtl { verb, .. }) => verb.to_string(),
-        _ => return,
-    };
-    let bytes = match Request::parse(&verb, &msg.payload) {
-        Err(e) => encode(&Reply::err(None, host.as_str(), e)),
-        Ok(req) => {
-            let id = req.request_id();
-            tracing::debug!(verb, %id, "request");
-            let work = async {
-                let reply = sup.request(req, host.as_str()).await;
-                encode(&reply)
-            };
-            dedupe
-                .reply(id, work, || {
-                    encode(&Reply::err(
-                        Some(id),
-                        host.as_str(),
-                        ControlError::new(
-                            ErrorKind::Internal,
-                            "the first copy of this request was lost: retry with a new request id",
-                        ),
-                    ))
-                })
-                .await
-        }
-    };
-    // Bounded: while NATS is down the client's queue may be full, and a reply nobody can
-    // receive must not hold up the agent (or its shutdown).
-    match tokio::time::timeout(REPLY_TIMEOUT, client.publish(reply_to, bytes)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("could not send a reply: {e}"),
-        Err(_) => tracing::warn!(
-            "could not send a reply within {REPLY_TIMEOUT:?}: NATS is not taking messages"
-        ),
-    }
-}
-
-fn encode(r: &Reply) -> Bytes {
-    serde_json::to_vec(r)
-        .expect("replies always serialise")
-        .into()
 }

@@ -4,6 +4,7 @@
 //! ([`crate::agent::publisher`]).
 
 pub mod dedupe;
+pub mod serve;
 pub mod store;
 
 use crate::config::Settings;

@@ -1,9 +1,9 @@
-//! Fleet-wide pm_id allocation (issue 4): one counter in KV, advanced by compare-and-set, so two
+//! Fleet-wide pm_id allocation: one counter in KV, advanced by compare-and-set, so two
 //! controllers (or two requests) never hand out the same id.
 
 use crate::bus::store::{Store, StoreError};
 
-/// The counter's key.
+/// The KV key of the counter: the next pm_id to hand out.
 pub const NEXT_PM_ID: &str = "meta.next_pm_id";
 
 /// Takes `n` consecutive fresh pm_ids.

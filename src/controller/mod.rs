@@ -6,34 +6,49 @@
 //! the reply says what actually happened; agents also converge to their assignment by
 //! themselves, so a lost request or an agent that was away changes nothing in the end. Reads
 //! (`ls`, `describe`, `logs`) ask the agents. Requests are deduplicated by request id.
+//!
+//! This file is the run loop: it records what the fleet says into [`fleet`] and serves the API
+//! through [`crate::bus::serve`] into [`dispatch`]. The verbs are in `verbs/`, their pure
+//! planning in [`plan`], the desired-state queries in [`desired`], the agent fan-out in [`agents`].
 
-pub mod api;
+pub(crate) mod agents;
+pub(crate) mod desired;
+pub(crate) mod dispatch;
+pub(crate) mod fleet;
 pub mod ids;
 pub mod placement;
+pub(crate) mod plan;
+pub(crate) mod verbs;
 
-use crate::bus::dedupe::Dedupe;
+use crate::bus::serve::Server;
 use crate::bus::{self, BusError, store::Store};
 use crate::config::Settings;
-use crate::protocol::Subjects;
-use crate::protocol::error::{ControlError, ErrorKind};
-use crate::protocol::event::{HostEventKind, ProcessEvent};
-use crate::protocol::fleet::{Heartbeat, HostEvent, HostView};
-use crate::protocol::reply::Reply;
-use crate::protocol::state;
-use crate::protocol::subjects::Parsed;
+use crate::protocol::control::{Target, TargetRequest};
+use crate::protocol::fleet::{Heartbeat, HostEvent};
+use crate::protocol::{AppKey, Envelope, Subjects, state};
+use fleet::Fleet;
 use futures::StreamExt;
-use placement::Candidate;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The queue group controllers share the API in.
 pub const QUEUE_GROUP: &str = "flotilla-controllers";
 
-/// Replies remembered for repeated request ids.
-const REMEMBERED: usize = 4096;
+/// Who the controller's replies come from.
+pub(crate) const CTL: &str = "controller";
+
+/// API requests handled at once. A verb may wait a minute for its agents (a graceful stop, a
+/// rolling reload); up to this many run side by side (verbs on one app still take turns, see
+/// [`Ctx::lock_apps`]), past it the controller stops reading and NATS holds the rest. The same
+/// bound as an agent's: each request is one task and a handful of agent requests.
+const CONCURRENT: usize = 64;
+
+/// How long placement waits for a first host when the controller knows none yet.
+pub(crate) const HOSTS_WAIT: Duration = Duration::from_secs(3);
 
 /// The controller could not run.
 #[derive(Debug, thiserror::Error)]
@@ -52,30 +67,19 @@ pub enum ControllerError {
     Subscribe(#[from] async_nats::SubscribeError),
 }
 
-/// What the controller knows of a host from its heartbeats.
-#[derive(Debug, Clone)]
-struct Seen {
-    at: Instant,
-    beat: Heartbeat,
-}
-
-type Fleet = Arc<Mutex<BTreeMap<String, Seen>>>;
-
 /// What every API handler gets.
 pub(crate) struct Ctx {
+    /// For asking agents.
     client: async_nats::Client,
+    /// The agents' subjects.
     subjects: Subjects,
+    /// The desired state.
     store: Store,
+    /// Hosts and processes as heard.
     fleet: Fleet,
-    /// Told whenever a host joins the fleet view.
-    joined: tokio::sync::Notify,
-    /// Every process as last seen: from `ls` answers and lifecycle events (what `ls` shows for
-    /// a host that does not answer).
-    procs: Mutex<BTreeMap<(String, u32), crate::protocol::reply::ProcessInfo>>,
     /// One lock per app: the verbs that change an app run one at a time for it (their plans
     /// read the desired state, then write it).
-    app_locks: Mutex<BTreeMap<crate::protocol::AppKey, Arc<tokio::sync::Mutex<()>>>>,
-    lost_after: Duration,
+    app_locks: Mutex<BTreeMap<AppKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -95,121 +99,69 @@ pub async fn run_ready(
 ) -> Result<(), ControllerError> {
     let subjects = Subjects::new(&settings.subject_prefix)
         .map_err(|e| ControllerError::Settings(e.to_string()))?;
-    let cancel = tokio_util::sync::CancellationToken::new();
+    let cancel = CancellationToken::new();
     let client = bus::connect_with_retry(&settings, "flotilla-controller", &cancel).await?;
     let store = Store::open(client.clone(), state::BUCKET).await?;
-    let fleet: Fleet = Arc::default();
-    let mut beats = client
-        .subscribe(format!("{}._fleet.*.host:heartbeat", subjects.prefix()))
-        .await?;
-    let mut host_events = client
-        .subscribe(format!("{}._fleet.*.host:event", subjects.prefix()))
-        .await?;
-    let mut lifecycle = client
-        .subscribe(format!("{}.*.*.process:event", subjects.prefix()))
-        .await?;
+    let mut beats = client.subscribe(subjects.all_heartbeats()).await?;
+    let mut host_events = client.subscribe(subjects.all_host_events()).await?;
+    let mut lifecycle = client.subscribe(subjects.all_process_events()).await?;
     // Several controllers share the API as a queue group: each request reaches one of them
     // (their writes stay consistent through compare-and-set). `info` goes to all.
     let api = client
         .queue_subscribe(subjects.api("*"), QUEUE_GROUP.to_string())
         .await?;
     let all = client.subscribe(subjects.controllers("*")).await?;
-    let mut api = futures::stream::select(api, all);
     let _ = client.flush().await;
     if let Some(r) = ready {
         let _ = r.send(());
     }
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        subjects,
+        subjects: subjects.clone(),
         store,
-        fleet: fleet.clone(),
-        joined: tokio::sync::Notify::new(),
+        fleet: Fleet::new(settings.host_lost_after),
         app_locks: Mutex::default(),
-        procs: Mutex::default(),
-        lost_after: settings.host_lost_after,
     });
-    let dedupe = Arc::new(Dedupe::new(REMEMBERED));
+    let tasks = TaskTracker::new();
     // The process view, rebuilt from the agents' lists (an `ls` records what it hears).
-    {
+    tasks.spawn({
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _ = api::dispatch(
-                &ctx,
-                "ls",
-                br#"{"request_id":"00000000-0000-0000-0000-000000000000"}"#,
-            )
-            .await;
-        });
-    }
-    let tasks = tokio_util::task::TaskTracker::new();
+        async move { verbs::reads::ls(&ctx, TargetRequest::new(Target::All)).await }
+    });
+    let handler = {
+        let ctx = ctx.clone();
+        move |verb: String, body: bytes::Bytes| {
+            let ctx = ctx.clone();
+            async move { dispatch::dispatch(&ctx, &verb, &body).await }
+        }
+    };
+    Server::new(client.clone(), subjects, CTL, CONCURRENT).spawn(
+        futures::stream::select(api, all),
+        handler,
+        cancel.clone(),
+        &tasks,
+    );
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            Some(m) = beats.next() => {
-                match serde_json::from_slice::<Heartbeat>(&m.payload) {
-                    Ok(beat) => {
-                        let new = fleet.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                            beat.host.clone(),
-                            Seen { at: Instant::now(), beat },
-                        ).is_none();
-                        if new {
-                            ctx.joined.notify_waiters();
-                        }
-                    }
-                    Err(e) => tracing::debug!(subject = %m.subject, "not a heartbeat: {e}"),
-                }
-            }
+            Some(m) = beats.next() => match serde_json::from_slice::<Heartbeat>(&m.payload) {
+                Ok(beat) => ctx.fleet.heartbeat(beat),
+                Err(e) => tracing::debug!(subject = %m.subject, "not a heartbeat: {e}"),
+            },
             Some(m) = lifecycle.next() => {
-                if let Ok(env) = serde_json::from_slice::<crate::protocol::Envelope>(&m.payload) {
-                    ctx.saw_event(env);
+                if let Ok(env) = serde_json::from_slice::<Envelope>(&m.payload) {
+                    ctx.fleet.process_event(env);
                 }
             }
-            Some(m) = host_events.next() => {
-                // An agent says `online` before its first heartbeat: it can be placed on at
-                // once (a local stack's first `start` comes right after its agent is up).
-                match serde_json::from_slice::<HostEvent>(&m.payload) {
-                    Ok(ev) if ev.event == HostEventKind::Online => {
-                        let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
-                        if !f.contains_key(&ev.host) {
-                            f.insert(ev.host.clone(), Seen { at: Instant::now(), beat: Heartbeat {
-                                at: ev.at,
-                                id: ev.id,
-                                host: ev.host.clone(),
-                                labels: ev.labels,
-                                version: ev.version,
-                                processes: 0,
-                                online: 0,
-                                cpu: 0.0,
-                                memory: 0,
-                                workers_memory: 0,
-                                load1: 0.0,
-                                cpus: 0,
-                                mem_total: 0,
-                                mem_available: 0,
-                                counters: Default::default(),
-                                dropped_by_process: Default::default(),
-                            }});
-                            drop(f);
-                            ctx.joined.notify_waiters();
-                        }
-                    }
-                    Ok(ev) if ev.event == HostEventKind::Offline => {
-                        fleet.lock().unwrap_or_else(|p| p.into_inner()).remove(&ev.host);
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(subject = %m.subject, "not a host event: {e}"),
-                }
-            }
-            Some(m) = api.next() => {
-                let ctx = ctx.clone();
-                let dedupe = dedupe.clone();
-                tasks.spawn(async move { handle(&ctx, &dedupe, m).await });
-            }
+            Some(m) = host_events.next() => match serde_json::from_slice::<HostEvent>(&m.payload) {
+                Ok(ev) => ctx.fleet.host_event(ev),
+                Err(e) => tracing::debug!(subject = %m.subject, "not a host event: {e}"),
+            },
             _ = &mut shutdown => break,
         }
     }
-    drop(api);
+    // The API stops taking requests; those in hand get up to 10 s to finish.
+    cancel.cancel();
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
@@ -217,60 +169,12 @@ pub async fn run_ready(
 }
 
 impl Ctx {
-    /// Records what a lifecycle event says of a process.
-    fn saw_event(&self, env: crate::protocol::Envelope) {
-        let key = (env.process.host.clone(), env.process.pm_id);
-        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
-        if env
-            .event
-            .as_ref()
-            .is_some_and(|e| e.event == ProcessEvent::Delete)
-        {
-            procs.remove(&key);
-            return;
-        }
-        match procs.get_mut(&key) {
-            Some(p) => p.meta = env.process,
-            None => {
-                procs.insert(
-                    key,
-                    crate::protocol::reply::ProcessInfo::from_meta(env.process),
-                );
-            }
-        }
-    }
-
-    /// Records the processes a host reported (all of them: the others are gone).
-    pub(crate) fn saw_list(&self, host: &str, list: &[crate::protocol::reply::ProcessInfo]) {
-        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
-        procs.retain(|(h, _), _| h != host);
-        for p in list {
-            procs.insert((host.to_string(), p.meta.pm_id), p.clone());
-        }
-    }
-
-    /// The processes of `host` as last seen.
-    pub(crate) fn last_seen(&self, host: &str) -> Vec<crate::protocol::reply::ProcessInfo> {
-        self.procs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|((h, _), _)| h == host)
-            .map(|(_, p)| {
-                let mut p = p.clone();
-                p.cpu = 0.0;
-                p.memory = 0;
-                p
-            })
-            .collect()
-    }
-
     /// Holds the locks of `apps` (taken in order, so two requests never wait on each other).
     async fn lock_apps<'a>(
         &self,
-        apps: impl IntoIterator<Item = &'a crate::protocol::AppKey>,
+        apps: impl IntoIterator<Item = &'a AppKey>,
     ) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
-        let mut wanted: Vec<&crate::protocol::AppKey> = apps.into_iter().collect();
+        let mut wanted: Vec<&AppKey> = apps.into_iter().collect();
         wanted.sort();
         wanted.dedup();
         let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
@@ -286,111 +190,4 @@ impl Ctx {
         }
         guards
     }
-
-    /// The live hosts; when there are none yet (a controller that just started, before the
-    /// first heartbeats), waits up to `within` for one to be heard.
-    async fn live_or_wait(&self, within: Duration) -> Vec<Candidate> {
-        let deadline = Instant::now() + within;
-        loop {
-            let joined = self.joined.notified();
-            let live = self.live();
-            if !live.is_empty() {
-                return live;
-            }
-            if tokio::time::timeout_at(deadline, joined).await.is_err() {
-                return live;
-            }
-        }
-    }
-
-    /// Hosts heard from within `host_lost_after`.
-    fn live(&self) -> Vec<Candidate> {
-        let now = Instant::now();
-        self.fleet
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, s)| now.duration_since(s.at) < self.lost_after)
-            .map(|(h, s)| Candidate {
-                host: h.clone(),
-                labels: s.beat.labels.clone(),
-                load: s.beat.processes,
-            })
-            .collect()
-    }
-
-    /// Every host heard from since the controller started.
-    fn hosts(&self) -> Vec<HostView> {
-        let now = Instant::now();
-        self.fleet
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|s| {
-                let ago = now.duration_since(s.at);
-                HostView {
-                    host: s.beat.host.clone(),
-                    labels: s.beat.labels.clone(),
-                    version: s.beat.version.clone(),
-                    state: if ago < self.lost_after {
-                        "online"
-                    } else {
-                        "lost"
-                    }
-                    .into(),
-                    last_seen_ms: ago.as_millis() as u64,
-                    processes: s.beat.processes,
-                    online: s.beat.online,
-                    cpus: s.beat.cpus,
-                    load1: s.beat.load1,
-                    mem_total: s.beat.mem_total,
-                    mem_available: s.beat.mem_available,
-                    agent_memory: s.beat.memory,
-                }
-            })
-            .collect()
-    }
-}
-
-async fn handle(ctx: &Ctx, dedupe: &Dedupe, msg: async_nats::Message) {
-    let Some(reply_to) = msg.reply.clone() else {
-        tracing::warn!(subject = %msg.subject, "API message without a reply subject ignored: use request/reply");
-        return;
-    };
-    let verb = match ctx.subjects.parse(&msg.subject) {
-        Some(Parsed::Api { verb }) => verb.to_string(),
-        _ => return,
-    };
-    let id = serde_json::from_slice::<serde_json::Value>(&msg.payload)
-        .ok()
-        .and_then(|v| v.get("request_id")?.as_str()?.parse::<uuid::Uuid>().ok());
-    let work = async { encode(&api::dispatch(ctx, &verb, &msg.payload).await) };
-    let bytes =
-        match id {
-            Some(id) => dedupe
-                .reply(id, work, || {
-                    encode(&Reply::err(
-                        Some(id),
-                        "controller",
-                        ControlError::new(
-                            ErrorKind::Internal,
-                            "the first copy of this request was lost: retry with a new request id",
-                        ),
-                    ))
-                })
-                .await,
-            None => work.await,
-        };
-    if tokio::time::timeout(Duration::from_secs(5), ctx.client.publish(reply_to, bytes))
-        .await
-        .is_err()
-    {
-        tracing::warn!("could not send a reply within 5 s: NATS is not taking messages");
-    }
-}
-
-fn encode(r: &Reply) -> bytes::Bytes {
-    serde_json::to_vec(r)
-        .expect("replies always serialise")
-        .into()
 }

@@ -1,4 +1,4 @@
-//! Placement (issue 4): which hosts run an app's instances. Spread across the eligible hosts,
+//! Placement: which hosts run an app's instances. Spread across the eligible hosts,
 //! least loaded first; labels and explicit hosts narrow the choice. Pure.
 
 use std::collections::BTreeMap;
@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 /// A live host as the controller sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
-    /// Host id.
+    /// The host's id, as its agent reports it in heartbeats.
     pub host: String,
-    /// Its labels.
+    /// The labels its agent was started with; `--label k=v` places only on hosts with `k=v`.
     pub labels: BTreeMap<String, String>,
-    /// Processes it runs now.
+    /// Processes in its table at its last heartbeat (placement prefers the least loaded).
     pub load: u32,
 }
 

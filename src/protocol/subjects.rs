@@ -205,9 +205,17 @@ impl Subjects {
     pub fn all_events(&self) -> String {
         format!("{}.>", self.prefix)
     }
-    /// `pm.*.*.log:*`-style filters are the CLI's; this one is every message of one app: `pm.<ns>.<name>.*`.
-    pub fn app_wildcard(&self, app: &AppKey) -> String {
-        format!("{}*", self.app_prefix(app))
+    /// `pm._fleet.*.host:heartbeat`: every host's heartbeats (the controller's fleet view).
+    pub fn all_heartbeats(&self) -> String {
+        format!("{}.{FLEET_TOKEN}.*.{}", self.prefix, kind::HEARTBEAT)
+    }
+    /// `pm._fleet.*.host:event`: every host's `online`/`offline`.
+    pub fn all_host_events(&self) -> String {
+        format!("{}.{FLEET_TOKEN}.*.{}", self.prefix, kind::HOST_EVENT)
+    }
+    /// `pm.*.*.process:event`: every app's lifecycle events.
+    pub fn all_process_events(&self) -> String {
+        format!("{}.*.*.process:event", self.prefix)
     }
 
     /// `pmctl.agent.<host>.<verb>`
@@ -359,6 +367,48 @@ mod tests {
         assert_eq!(s.parse("other.a.b.c"), None);
         assert_eq!(s.parse("pm._fleet.h.other"), None);
         assert_eq!(s.parse("pmctl.agent.h.start.extra"), None);
+    }
+
+    /// True when `subject` matches the NATS filter `filter` (`*` one token, `>` the rest).
+    fn matches(filter: &str, subject: &str) -> bool {
+        let mut s = subject.split('.');
+        for f in filter.split('.') {
+            match (f, s.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (f, Some(t)) if f == t => {}
+                _ => return false,
+            }
+        }
+        s.next().is_none()
+    }
+
+    #[test]
+    fn wildcards_match_what_they_stand_for() {
+        let s = Subjects::new("acme").unwrap();
+        let app = AppKey::new("ns", "api").unwrap();
+        let host = HostId::new("web-1").unwrap();
+        assert_eq!(s.all_heartbeats(), "acme._fleet.*.host:heartbeat");
+        assert_eq!(s.all_host_events(), "acme._fleet.*.host:event");
+        assert_eq!(s.all_process_events(), "acme.*.*.process:event");
+        assert!(matches(&s.all_heartbeats(), &s.heartbeat(&host)));
+        assert!(matches(&s.all_host_events(), &s.host_event(&host)));
+        assert!(matches(&s.all_process_events(), &s.process_event(&app)));
+        assert!(matches(&s.all_events(), &s.process_event(&app)));
+        // Each takes only its own kind.
+        assert!(!matches(&s.all_heartbeats(), &s.host_event(&host)));
+        assert!(!matches(&s.all_host_events(), &s.heartbeat(&host)));
+        assert!(!matches(&s.all_process_events(), &s.process_msg(&app)));
+        assert!(!matches(&s.all_process_events(), &s.log_out(&app)));
+        // Host subjects have the same shape as app ones (`_fleet` stands for the namespace);
+        // no host kind is `process:event`, so the process filter takes none of them.
+        assert!(!matches(&s.all_process_events(), &s.heartbeat(&host)));
+        // Another prefix's subjects are not ours.
+        let other = Subjects::new("pm").unwrap();
+        assert!(!matches(
+            &s.all_process_events(),
+            &other.process_event(&app)
+        ));
     }
 
     #[test]
