@@ -55,27 +55,11 @@ const STEADY_AFTER: Duration = Duration::from_secs(2);
 /// its pid in `BENCH_MARK_DIR` (every tool passes its environment on to the workers), so that
 /// the bench sees, by the same means for every tool, when the four workers have actually booted
 /// (a tool's "online" may come before or after that).
-const APP_JS: &str = r#"'use strict';
-if (process.env.BENCH_MARK_DIR) require('fs').writeFileSync(process.env.BENCH_MARK_DIR + '/' + process.pid, '');
-const keep = setInterval(() => {}, 1 << 30);
-process.on('SIGINT', () => { clearInterval(keep); process.exit(0); });
-"#;
+const APP_JS: &str = include_str!("js/cli/app.js");
 
 /// The floor: a Node cluster primary forking the app `BENCH_W` times; prints ALL_ONLINE once
 /// every worker's 'online' has come, and on SIGTERM stops them with SIGINT and exits.
-const PRIMARY_JS: &str = r#"'use strict';
-const cluster = require('cluster');
-const W = Number(process.env.BENCH_W);
-cluster.setupPrimary({ exec: process.env.BENCH_APP });
-let online = 0;
-cluster.on('online', () => { if (++online === W) process.stdout.write('ALL_ONLINE\n'); });
-cluster.on('exit', () => { if (Object.keys(cluster.workers).length === 0) process.exit(0); });
-process.on('SIGTERM', () => {
-  for (const w of Object.values(cluster.workers)) w.process.kill('SIGINT');
-  setTimeout(() => process.exit(0), 5000).unref();
-});
-for (let i = 0; i < W; i++) cluster.fork();
-"#;
+const PRIMARY_JS: &str = include_str!("js/cli/primary.js");
 
 static STOP: AtomicBool = AtomicBool::new(false);
 

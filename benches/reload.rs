@@ -43,10 +43,7 @@ const REQUEST_WITHIN: Duration = Duration::from_secs(5);
 const COMMAND_WITHIN: Duration = Duration::from_secs(120);
 
 /// The app: unmodified, as pm2 users write it.
-const APP_JS: &str = r#"'use strict';
-const http = require('http');
-http.createServer((req, res) => res.end('ok\n')).listen(Number(process.env.PORT));
-"#;
+const APP_JS: &str = include_str!("js/reload/app.js");
 
 type Res<T> = Result<T, String>;
 
