@@ -23,7 +23,10 @@ mod common;
 
 use async_nats::{Client, ConnectOptions, HeaderMap, Subscriber};
 use bytes::Bytes;
-use common::machine;
+use common::procfs::{clk_tck, cpu_of, cpu_secs, mem_kib, reset_hwm, self_cpu};
+use common::stats::{median, percentile, tail};
+use common::table::{mib, print_aligned};
+use common::{knob, machine};
 use flotilla::protocol::control::{AgentStats, SendRequest, StartRequest, TargetRequest};
 use flotilla::protocol::{AppSpec, Envelope, Reply, Request, Target};
 use futures::StreamExt;
@@ -303,46 +306,6 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// User + system CPU seconds of a process (all its threads).
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = s[s.rfind(')')? + 2..].split(' ').collect();
-    let ut: f64 = f.get(11)?.parse().ok()?;
-    let st: f64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) / clk_tck())
-}
-
-fn self_cpu() -> f64 {
-    cpu_secs(std::process::id()).unwrap_or(0.0)
-}
-
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|p| cpu_secs(*p)).sum()
-}
-
-/// (VmRSS, VmHWM) in KiB.
-fn mem_kib(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let get = |k: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (get("VmRSS:"), get("VmHWM:"))
-}
-
-/// Resets the peak RSS (VmHWM) so the next reading is the peak of what follows.
-fn reset_hwm(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
 /// The `t` of `"data":{"t":<µs>` in an envelope.
 fn field_t(payload: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"data\":{\"t\":";
@@ -376,22 +339,6 @@ fn split_at(split: &[(i64, i64)], p: f64) -> Option<(f64, f64)> {
     let to_agent = tail.iter().map(|s| s.1 as f64 + 500.0).sum::<f64>() / n;
     let total = tail.iter().map(|s| s.0 as f64).sum::<f64>() / n;
     Some((to_agent, total - to_agent))
-}
-
-fn percentile(sorted: &[i64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
-    Some(sorted[i] as f64)
-}
-
-fn tail(sorted: &[i64]) -> Option<[f64; 3]> {
-    Some([
-        percentile(sorted, 0.90)?,
-        percentile(sorted, 0.999)?,
-        *sorted.last()? as f64,
-    ])
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -617,17 +564,6 @@ struct Measured {
     /// With `rounds`: the median msgs/s, and the lowest and the highest.
     rate_median: Option<f64>,
     rate_range: Option<(f64, f64)>,
-}
-
-/// The median (the mean of the middle two for an even count).
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
 }
 
 impl Measured {
@@ -1572,14 +1508,6 @@ fn want(case: &str) -> bool {
     }
 }
 
-/// A number from the environment, or `default`.
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Total rates (msgs/s, over 4 native workers) of the lossless-capacity ladder, 2 s each.
 const LADDER: [u64; 4] = [25_000, 50_000, 100_000, 150_000];
 const LADDER_SECS: u64 = 2;
@@ -2206,10 +2134,6 @@ struct Row {
     cells: [String; 9],
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
 fn fmt_lat(us: Option<f64>) -> String {
     match us {
         None => "-".into(),
@@ -2291,55 +2215,6 @@ impl Row {
                 String::new(),
             ],
         }
-    }
-}
-
-fn print_aligned(header: &[&str], rows: &[Vec<String>], right: &[bool]) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        // A note row (all cells after the second empty) does not widen the columns.
-        if r.iter().skip(2).all(|c| c.is_empty()) {
-            continue;
-        }
-        for (i, c) in r.iter().enumerate() {
-            width[i] = width[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::new();
-        let note = cells.iter().skip(2).all(|c| c.is_empty());
-        for (i, c) in cells.iter().enumerate() {
-            if note && i >= 2 {
-                break;
-            }
-            if i > 0 {
-                s.push_str(" | ");
-            }
-            let pad = width[i].saturating_sub(c.chars().count());
-            if right[i] && !note {
-                s.push_str(&" ".repeat(pad));
-                s.push_str(c);
-            } else {
-                s.push_str(c);
-                if !(note && i == 1) {
-                    s.push_str(&" ".repeat(pad));
-                }
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    let h: Vec<String> = header.iter().map(|s| s.to_string()).collect();
-    line(&h);
-    println!(
-        "{}",
-        width
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
-    );
-    for r in rows {
-        line(r);
     }
 }
 
