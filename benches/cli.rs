@@ -25,7 +25,10 @@
 
 mod common;
 
-use common::machine;
+use common::procfs::{alive, cpu_of, vm_rss};
+use common::stats::{median, median_duration, upper_median};
+use common::table::{mib, print_aligned};
+use common::{clear_tool_env, knob, machine};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -55,27 +58,11 @@ const STEADY_AFTER: Duration = Duration::from_secs(2);
 /// its pid in `BENCH_MARK_DIR` (every tool passes its environment on to the workers), so that
 /// the bench sees, by the same means for every tool, when the four workers have actually booted
 /// (a tool's "online" may come before or after that).
-const APP_JS: &str = r#"'use strict';
-if (process.env.BENCH_MARK_DIR) require('fs').writeFileSync(process.env.BENCH_MARK_DIR + '/' + process.pid, '');
-const keep = setInterval(() => {}, 1 << 30);
-process.on('SIGINT', () => { clearInterval(keep); process.exit(0); });
-"#;
+const APP_JS: &str = include_str!("js/cli/app.js");
 
 /// The floor: a Node cluster primary forking the app `BENCH_W` times; prints ALL_ONLINE once
 /// every worker's 'online' has come, and on SIGTERM stops them with SIGINT and exits.
-const PRIMARY_JS: &str = r#"'use strict';
-const cluster = require('cluster');
-const W = Number(process.env.BENCH_W);
-cluster.setupPrimary({ exec: process.env.BENCH_APP });
-let online = 0;
-cluster.on('online', () => { if (++online === W) process.stdout.write('ALL_ONLINE\n'); });
-cluster.on('exit', () => { if (Object.keys(cluster.workers).length === 0) process.exit(0); });
-process.on('SIGTERM', () => {
-  for (const w of Object.values(cluster.workers)) w.process.kill('SIGINT');
-  setTimeout(() => process.exit(0), 5000).unref();
-});
-for (let i = 0; i < W; i++) cluster.fork();
-"#;
+const PRIMARY_JS: &str = include_str!("js/cli/primary.js");
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -160,7 +147,8 @@ fn watchdog(pid: i32, within: Duration) -> mpsc::Sender<()> {
     tx
 }
 
-fn cpu_of(ru: &libc::rusage) -> Duration {
+/// User + system CPU in `ru`.
+fn rusage_cpu(ru: &libc::rusage) -> Duration {
     let tv =
         |t: libc::timeval| Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64);
     tv(ru.ru_utime) + tv(ru.ru_stime)
@@ -226,17 +214,6 @@ impl Drop for Bench {
     }
 }
 
-/// Whether `pid` runs (a zombie does not).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].trim_start().chars().next())
-        })
-        .is_some_and(|state| state != 'Z')
-}
-
 fn pm2_daemon_pid(home: &Path) -> Option<u32> {
     std::fs::read_to_string(home.join("pm2.pid"))
         .ok()?
@@ -276,12 +253,7 @@ impl Bench {
     fn command(&self, program: &Path, args: &[&str], home: Home) -> Command {
         let mut c = Command::new(program);
         c.args(args).current_dir(&self.app_dir);
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().to_string();
-            if k.starts_with("FLOTILLA_") || k.starts_with("PM2_") {
-                c.env_remove(k);
-            }
-        }
+        clear_tool_env(&mut c);
         c.env("BENCH_MARK_DIR", self.marks());
         match home {
             Home::Flotilla(h) => c.env("FLOTILLA_HOME", h),
@@ -329,7 +301,7 @@ impl Bench {
         }
         Ok(Ran {
             wall,
-            cpu: cpu_of(&ru),
+            cpu: rusage_cpu(&ru),
             maxrss_kib: ru.ru_maxrss as u64,
             out,
         })
@@ -483,8 +455,8 @@ impl Bench {
         for (name, text) in [("app.js", APP_JS), ("primary.js", PRIMARY_JS)] {
             std::fs::write(self.app_dir.join(name), text).map_err(|e| e.to_string())?;
         }
-        let rounds = env_usize("BENCH_ROUNDS", ROUNDS).max(1);
-        let ls_calls = env_usize("BENCH_LS_CALLS", LS_CALLS).max(1);
+        let rounds = knob("BENCH_ROUNDS", ROUNDS).max(1);
+        let ls_calls = knob("BENCH_LS_CALLS", LS_CALLS).max(1);
 
         let probe = self.new_pm2_home("pm2-probe");
         let pm2_version = self
@@ -607,13 +579,13 @@ impl Bench {
                 } else {
                     pm2_pid.into_iter().collect()
                 };
-                let before: f64 = server.iter().map(|p| proc_cpu_s(*p)).sum();
+                let before: f64 = cpu_of(&server);
                 let r = if f {
                     self.fl(args, &warm)?
                 } else {
                     self.pm2(args, &steady_pm2)?
                 };
-                let after: f64 = server.iter().map(|p| proc_cpu_s(*p)).sum();
+                let after: f64 = cpu_of(&server);
                 let c = &mut calls[k];
                 c.wall.push(r.wall);
                 c.cpu.push(r.cpu);
@@ -650,18 +622,11 @@ impl Bench {
             }
         }
         Ok(Mem {
-            daemon: median_u64(&d),
-            nats: median_u64(&n),
-            pm2: pm2.map(|_| median_u64(&p)),
+            daemon: upper_median(&d).unwrap_or(0),
+            nats: upper_median(&n).unwrap_or(0),
+            pm2: pm2.map(|_| upper_median(&p).unwrap_or(0)),
         })
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Entries of a JSON array (after any text before the `[`) whose status is "online".
@@ -688,32 +653,6 @@ fn stack_pids(home: &Path) -> Res<(u32, u32)> {
             .ok_or(format!("stack.json has no {k}"))
     };
     Ok((get("pid")?, get("nats_pid")?))
-}
-
-fn vm_rss(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// User + system CPU seconds of a process so far.
-fn proc_cpu_s(pid: u32) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split(' ').collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (n(11) + n(12)) / tck
 }
 
 /// Watches a folder (inotify) for `n` new files in a thread; [`Marks::wait`] says when the
@@ -903,37 +842,6 @@ struct Mem {
     pm2: Option<u64>,
 }
 
-fn median(v: &[Duration]) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
-    }
-}
-
-fn median_u64(v: &[u64]) -> u64 {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
-}
-
-fn median_f(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
 fn ms(d: Duration) -> String {
     let m = d.as_secs_f64() * 1e3;
     if m < 100.0 {
@@ -941,10 +849,6 @@ fn ms(d: Duration) -> String {
     } else {
         format!("{m:.0} ms")
     }
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
 fn list(v: &[Duration]) -> String {
@@ -993,7 +897,7 @@ impl Samples {
             };
         let secs = |d: Duration| d.as_secs_f64();
 
-        let (warm, floor) = (median(&self.warm), median(&self.floor));
+        let (warm, floor) = (median_duration(&self.warm), median_duration(&self.floor));
         row(
             "warm `start app.js -i 4`, to 4 online (ref: Node cluster primary, 4 'online')",
             ms(warm),
@@ -1001,7 +905,10 @@ impl Samples {
             judge(secs(warm), Some(secs(floor)), Some(1.2)),
             "<= 1.2x",
         );
-        let (warm_b, floor_b) = (median(&self.warm_booted), median(&self.floor_booted));
+        let (warm_b, floor_b) = (
+            median_duration(&self.warm_booted),
+            median_duration(&self.floor_booted),
+        );
         row(
             "  same, both until the 4 workers have booted (their first line ran)",
             ms(warm_b),
@@ -1009,8 +916,11 @@ impl Samples {
             judge(secs(warm_b), Some(secs(floor_b)), None),
             "-",
         );
-        let cold = median(&self.cold);
-        let (pm2_online, pm2_ret) = (median(&self.pm2_online), median(&self.pm2_return));
+        let cold = median_duration(&self.cold);
+        let (pm2_online, pm2_ret) = (
+            median_duration(&self.pm2_online),
+            median_duration(&self.pm2_return),
+        );
         row(
             "cold `start app.js -i 4`, stack spawned (ref: pm2 cold, until jlist shows 4 online)",
             ms(cold),
@@ -1018,7 +928,10 @@ impl Samples {
             judge(secs(cold), pm2.then(|| secs(pm2_online)), Some(0.4)),
             "<= 0.4x",
         );
-        let (cold_b, pm2_b) = (median(&self.cold_booted), median(&self.pm2_booted));
+        let (cold_b, pm2_b) = (
+            median_duration(&self.cold_booted),
+            median_duration(&self.pm2_booted),
+        );
         row(
             "  same, both until the 4 workers have booted (their first line ran)",
             ms(cold_b),
@@ -1042,9 +955,9 @@ impl Samples {
         let fl_json = find("flotilla ls --json");
         let pm_ls = find("pm2 ls");
         let pm_jl = find("pm2 jlist");
-        let wall = |c: Option<&Calls>| c.map(|c| median(&c.wall));
-        let cpu = |c: Option<&Calls>| c.map(|c| median(&c.cpu));
-        let rss = |c: Option<&Calls>| c.map(|c| median_u64(&c.rss));
+        let wall = |c: Option<&Calls>| c.map(|c| median_duration(&c.wall));
+        let cpu = |c: Option<&Calls>| c.map(|c| median_duration(&c.cpu));
+        let rss = |c: Option<&Calls>| c.map(|c| upper_median(&c.rss).unwrap_or(0));
         let srv = |c: Option<&Calls>| c.map(|c| c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64);
         let or_none = |v: Option<String>| v.unwrap_or_else(|| none.clone());
         if let Some(l) = wall(fl_ls) {
@@ -1149,15 +1062,14 @@ impl Samples {
         }
         println!(
             "  warm start CPU of the CLI process: median {}",
-            ms(median(&self.warm_cpu))
+            ms(median_duration(&self.warm_cpu))
         );
         println!();
         println!(
             "Where a flotilla start's time goes (ms from the CLI's spawn, medians; from the daemon's log stamps):"
         );
         let ph = |v: &[Phases], f: fn(&Phases) -> Option<f64>| {
-            median_f(&v.iter().filter_map(f).collect::<Vec<_>>())
-                .map_or("-".into(), |m| format!("{m:.1}"))
+            median(v.iter().filter_map(f).collect()).map_or("-".into(), |m| format!("{m:.1}"))
         };
         for (name, v) in [("cold", &self.cold_phases), ("warm", &self.warm_phases)] {
             println!(
@@ -1180,10 +1092,10 @@ impl Samples {
             println!(
                 "  {name:20} {} / {} / {} | CPU {} | RSS {} | server {:.1} ms",
                 ms(w[0]),
-                ms(median(&w)),
+                ms(median_duration(&w)),
                 ms(w[w.len() - 1]),
-                ms(median(&c.cpu)),
-                mib(median_u64(&c.rss)),
+                ms(median_duration(&c.cpu)),
+                mib(upper_median(&c.rss).unwrap_or(0)),
                 c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64
             );
         }
@@ -1195,43 +1107,5 @@ impl Samples {
                 .pm2
                 .map_or(String::new(), |p| format!("; pm2 daemon {}", mib(p)))
         );
-    }
-}
-
-fn print_aligned(header: &[&str], rows: &[[String; 6]], right: &[bool]) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            width[i] = width[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i > 0 {
-                s.push_str(" | ");
-            }
-            let pad = " ".repeat(width[i].saturating_sub(c.chars().count()));
-            if right[i] {
-                s.push_str(&pad);
-                s.push_str(c);
-            } else {
-                s.push_str(c);
-                s.push_str(&pad);
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    line(&header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-    println!(
-        "{}",
-        width
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
-    );
-    for r in rows {
-        line(r);
     }
 }

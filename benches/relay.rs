@@ -23,7 +23,10 @@ mod common;
 
 use async_nats::{Client, ConnectOptions, HeaderMap, Subscriber};
 use bytes::Bytes;
-use common::machine;
+use common::procfs::{clk_tck, cpu_of, cpu_secs, mem_kib, reset_hwm, self_cpu};
+use common::stats::{median, percentile, tail};
+use common::table::{mib, print_aligned};
+use common::{knob, machine};
 use flotilla::protocol::control::{SendRequest, StartRequest, TargetRequest};
 use flotilla::protocol::reply::AgentStats;
 use flotilla::protocol::{AppSpec, Envelope, Reply, Request, Target};
@@ -83,177 +86,18 @@ const HEARTBEAT_MARGIN_MS: u64 = 50;
 /// (a message, or a pm2 packet whose `data` has `go`), then sends `n` messages in
 /// `setImmediate` batches, waiting for the last send's callback whenever `send()` returned
 /// false (Node's own backpressure signal), and says when it is done.
-const NODE_WORKER_JS: &str = r#"'use strict';
-const { performance } = require('perf_hooks');
-const PAD = 'x'.repeat(Number(process.env.BENCH_PAD || 328));
-const BATCH = 500;
-const origin = performance.timeOrigin;
-const nowUs = () => Math.round((origin + performance.now()) * 1000);
-let busy = false;
-function burst(n) {
-  busy = true;
-  let i = 0;
-  let waiting = false;
-  const onLast = () => { if (waiting) { waiting = false; next(); } };
-  const next = () => (i < n ? setImmediate(step) : finish());
-  function step() {
-    let full = false;
-    const end = Math.min(n, i + BATCH);
-    while (i < end) {
-      i++;
-      const m = { type: 'process:msg', data: { t: nowUs(), i, pad: PAD } };
-      if (!(i === end ? process.send(m, onLast) : process.send(m))) full = true;
-    }
-    if (full) waiting = true; else next();
-  }
-  function finish() { busy = false; process.send({ type: 'bench:done', data: { sent: n } }); }
-  step();
-}
-process.on('message', (m) => {
-  const g = m && (m.go ? m : (m.data && m.data.go ? m.data : null));
-  if (g && !busy) burst(Number(g.n) || 0);
-});
-process.send({ type: 'bench:ready', data: { pid: process.pid } });
-"#;
+const NODE_WORKER_JS: &str = include_str!("js/relay/worker.js");
 
-/// Helpers shared by the Node parent and the pm2 subscriber.
-const NODE_COMMON_JS: &str = r#"'use strict';
-const fs = require('fs');
-const { performance } = require('perf_hooks');
-const W = Number(process.env.BENCH_W);
-const N = Number(process.env.BENCH_N);
-const TCK = Number(process.env.BENCH_CLK_TCK || 100);
-const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
-const cpuOf = (pid) => {
-  try {
-    const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / TCK;
-  } catch (e) { return 0; }
-};
-const memOf = (pid) => {
-  try {
-    const s = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-    const get = (k) => Number((s.match(new RegExp(k + ':\\s+(\\d+)')) || [0, 0])[1]);
-    return { rss: get('VmRSS'), hwm: get('VmHWM') };
-  } catch (e) { return { rss: 0, hwm: 0 }; }
-};
-const lats = new Float64Array(W * N);
-let count = 0, done = 0, t0 = 0, tLast = 0, lastSeen = 0;
-function onData(d) {
-  const now = nowUs();
-  if (count < lats.length) lats[count] = now - d.t;
-  count++;
-  tLast = performance.now();
-}
-function percentiles() {
-  const l = lats.subarray(0, Math.min(count, lats.length)).sort();
-  const pct = (p) => (l.length ? l[Math.min(l.length - 1, Math.floor(l.length * p))] : null);
-  return { p50_us: pct(0.5), p99_us: pct(0.99) };
-}
-// Ends a burst whose done markers never come (lost messages): nothing new for 5 s.
-function watchdog(finish) {
-  setInterval(() => {
-    if (t0 && count === lastSeen) finish();
-    lastSeen = count;
-  }, 5000).unref();
-}
-"#;
+/// Helpers shared by the Node parent and the pm2 subscriber: the bench writes each of those two
+/// programs as this text followed by its own (they are not runnable alone).
+const NODE_COMMON_JS: &str = include_str!("js/relay/common.js");
 
 /// The Node ceiling: a plain parent forking the workers with the channel on fd 3, counting.
-const NODE_PARENT_JS: &str = r#"
-const { fork } = require('child_process');
-const kids = [];
-let ready = 0, cpu0 = null, kidsCpu0 = 0;
-for (let w = 0; w < W; w++) {
-  const c = fork(process.env.BENCH_WORKER, [], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
-  c.on('message', onMessage);
-  kids.push(c);
-}
-function onMessage(m) {
-  if (m.type === 'process:msg') return onData(m.data);
-  if (m.type === 'bench:ready') { if (++ready === W) go(); }
-  else if (m.type === 'bench:done') { if (++done === W) finish(); }
-}
-function go() {
-  kidsCpu0 = kids.reduce((a, k) => a + cpuOf(k.pid), 0);
-  cpu0 = process.cpuUsage();
-  t0 = performance.now();
-  for (const k of kids) k.send({ go: 1, n: N });
-}
-let finished = false;
-function finish() {
-  if (finished) return;
-  finished = true;
-  const cpu = process.cpuUsage(cpu0);
-  const out = Object.assign({
-    received: count, secs: (tLast - t0) / 1000,
-    relay_cpu_s: (cpu.user + cpu.system) / 1e6,
-    relay_peak_kib: process.resourceUsage().maxRSS,
-    relay_after_kib: Math.round(process.memoryUsage().rss / 1024),
-    workers_cpu_s: kids.reduce((a, k) => a + cpuOf(k.pid), 0) - kidsCpu0,
-  }, percentiles());
-  console.log('RESULT ' + JSON.stringify(out));
-  for (const k of kids) k.kill('SIGKILL');
-  process.exit(0);
-}
-watchdog(finish);
-"#;
+const NODE_PARENT_JS: &str = include_str!("js/relay/parent.js");
 
 /// pm2: subscribes with `launchBus`, says BUS_READY, waits for the workers the bench starts
 /// with `pm2 start worker.js -i 4`, sends `go` with `sendDataToProcessId`, counts.
-const PM2_SUB_JS: &str = r#"
-const pm2 = require(process.env.BENCH_PM2_DIR);
-const NAME = process.env.BENCH_APP;
-const ids = new Set();
-const pids = [];
-let god = 0, godCpu0 = 0, kidsCpu0 = 0, cpu0 = null;
-const mine = (p) => p && p.process && p.process.name === NAME;
-pm2.connect((err) => {
-  if (err) { console.error(err); process.exit(1); }
-  pm2.launchBus((err, bus) => {
-    if (err) { console.error(err); process.exit(1); }
-    bus.on('process:msg', (p) => { if (mine(p) && p.data && p.data.t !== undefined) onData(p.data); });
-    bus.on('bench:ready', (p) => {
-      if (!mine(p) || ids.has(p.process.pm_id)) return;
-      ids.add(p.process.pm_id);
-      pids.push(p.data.pid);
-      if (ids.size === W) go();
-    });
-    bus.on('bench:done', (p) => { if (mine(p) && ++done === W) finish(); });
-    console.log('BUS_READY');
-  });
-});
-function go() {
-  god = Number(fs.readFileSync(process.env.PM2_HOME + '/pm2.pid', 'utf8'));
-  try { fs.writeFileSync(`/proc/${god}/clear_refs`, '5'); } catch (e) {}
-  godCpu0 = cpuOf(god);
-  kidsCpu0 = pids.reduce((a, p) => a + cpuOf(p), 0);
-  cpu0 = process.cpuUsage();
-  t0 = performance.now();
-  for (const id of ids) {
-    pm2.sendDataToProcessId(id, { type: 'process:msg', data: { go: 1, n: N }, topic: 'go' }, (e) => {
-      if (e) { console.error(e); process.exit(1); }
-    });
-  }
-}
-let finished = false;
-function finish() {
-  if (finished) return;
-  finished = true;
-  const cpu = process.cpuUsage(cpu0);
-  const m = memOf(god);
-  const out = Object.assign({
-    received: count, secs: (tLast - t0) / 1000,
-    relay_cpu_s: cpuOf(god) - godCpu0, relay_peak_kib: m.hwm, relay_after_kib: m.rss,
-    workers_cpu_s: pids.reduce((a, p) => a + cpuOf(p), 0) - kidsCpu0,
-    bench_cpu_s: (cpu.user + cpu.system) / 1e6,
-  }, percentiles());
-  console.log('RESULT ' + JSON.stringify(out));
-  process.exit(0);
-}
-watchdog(finish);
-"#;
+const PM2_SUB_JS: &str = include_str!("js/relay/pm2sub.js");
 
 fn main() {
     match std::env::var("BENCH_NATIVE_SOURCE").as_deref() {
@@ -463,46 +307,6 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// User + system CPU seconds of a process (all its threads).
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = s[s.rfind(')')? + 2..].split(' ').collect();
-    let ut: f64 = f.get(11)?.parse().ok()?;
-    let st: f64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) / clk_tck())
-}
-
-fn self_cpu() -> f64 {
-    cpu_secs(std::process::id()).unwrap_or(0.0)
-}
-
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|p| cpu_secs(*p)).sum()
-}
-
-/// (VmRSS, VmHWM) in KiB.
-fn mem_kib(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let get = |k: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (get("VmRSS:"), get("VmHWM:"))
-}
-
-/// Resets the peak RSS (VmHWM) so the next reading is the peak of what follows.
-fn reset_hwm(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
 /// The `t` of `"data":{"t":<µs>` in an envelope.
 fn field_t(payload: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"data\":{\"t\":";
@@ -536,22 +340,6 @@ fn split_at(split: &[(i64, i64)], p: f64) -> Option<(f64, f64)> {
     let to_agent = tail.iter().map(|s| s.1 as f64 + 500.0).sum::<f64>() / n;
     let total = tail.iter().map(|s| s.0 as f64).sum::<f64>() / n;
     Some((to_agent, total - to_agent))
-}
-
-fn percentile(sorted: &[i64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
-    Some(sorted[i] as f64)
-}
-
-fn tail(sorted: &[i64]) -> Option<[f64; 3]> {
-    Some([
-        percentile(sorted, 0.90)?,
-        percentile(sorted, 0.999)?,
-        *sorted.last()? as f64,
-    ])
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -777,17 +565,6 @@ struct Measured {
     /// With `rounds`: the median msgs/s, and the lowest and the highest.
     rate_median: Option<f64>,
     rate_range: Option<(f64, f64)>,
-}
-
-/// The median (the mean of the middle two for an even count).
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
 }
 
 impl Measured {
@@ -1736,14 +1513,6 @@ fn want(case: &str) -> bool {
     }
 }
 
-/// A number from the environment, or `default`.
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Total rates (msgs/s, over 4 native workers) of the lossless-capacity ladder, 2 s each.
 const LADDER: [u64; 4] = [25_000, 50_000, 100_000, 150_000];
 const LADDER_SECS: u64 = 2;
@@ -2370,10 +2139,6 @@ struct Row {
     cells: [String; 9],
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
 fn fmt_lat(us: Option<f64>) -> String {
     match us {
         None => "-".into(),
@@ -2455,55 +2220,6 @@ impl Row {
                 String::new(),
             ],
         }
-    }
-}
-
-fn print_aligned(header: &[&str], rows: &[Vec<String>], right: &[bool]) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        // A note row (all cells after the second empty) does not widen the columns.
-        if r.iter().skip(2).all(|c| c.is_empty()) {
-            continue;
-        }
-        for (i, c) in r.iter().enumerate() {
-            width[i] = width[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::new();
-        let note = cells.iter().skip(2).all(|c| c.is_empty());
-        for (i, c) in cells.iter().enumerate() {
-            if note && i >= 2 {
-                break;
-            }
-            if i > 0 {
-                s.push_str(" | ");
-            }
-            let pad = width[i].saturating_sub(c.chars().count());
-            if right[i] && !note {
-                s.push_str(&" ".repeat(pad));
-                s.push_str(c);
-            } else {
-                s.push_str(c);
-                if !(note && i == 1) {
-                    s.push_str(&" ".repeat(pad));
-                }
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    let h: Vec<String> = header.iter().map(|s| s.to_string()).collect();
-    line(&h);
-    println!(
-        "{}",
-        width
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
-    );
-    for r in rows {
-        line(r);
     }
 }
 

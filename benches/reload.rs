@@ -21,6 +21,7 @@
 
 mod common;
 
+use common::stats::{percentile_rounded, upper_median};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -43,10 +44,7 @@ const REQUEST_WITHIN: Duration = Duration::from_secs(5);
 const COMMAND_WITHIN: Duration = Duration::from_secs(120);
 
 /// The app: unmodified, as pm2 users write it.
-const APP_JS: &str = r#"'use strict';
-const http = require('http');
-http.createServer((req, res) => res.end('ok\n')).listen(Number(process.env.PORT));
-"#;
+const APP_JS: &str = include_str!("js/reload/app.js");
 
 type Res<T> = Result<T, String>;
 
@@ -127,10 +125,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let clients = std::env::var("BENCH_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CLIENTS);
+    let clients = common::knob("BENCH_CLIENTS", CLIENTS);
     let mut bench = Bench {
         root: root.path().to_path_buf(),
         flotilla: PathBuf::from(env!("CARGO_BIN_EXE_flotilla")),
@@ -222,12 +217,7 @@ impl Bench {
         };
         let mut c = Command::new(program);
         c.args(args).current_dir(&self.root);
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().to_string();
-            if k.starts_with("FLOTILLA_") || k.starts_with("PM2_") {
-                c.env_remove(k);
-            }
-        }
+        common::clear_tool_env(&mut c);
         c.env(home_var, home).env("PORT", port.to_string());
         // Files, not pipes: a daemon the command starts must not hold our reading end open.
         let n = self.homes.len() * 1000 + self.pm2_homes.len() * 100 + args.len();
@@ -465,14 +455,6 @@ fn content_length(head: &[u8]) -> Option<usize> {
     })
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn summarise(samples: &[Sample], windows: &[(Duration, Duration)], ended: Duration) -> Outcome {
     let during = |at: Duration| windows.iter().any(|(a, b)| at >= *a && at < *b);
     let (mut steady, mut reload) = (vec![], vec![]);
@@ -512,10 +494,10 @@ fn summarise(samples: &[Sample], windows: &[(Duration, Duration)], ended: Durati
         timeout,
         steady_rps: rate(steady.len(), steady_time),
         reload_rps: rate(reload.len(), reload_time),
-        steady_p50: percentile(&steady, 0.50),
-        steady_p99: percentile(&steady, 0.99),
-        reload_p50: percentile(&reload, 0.50),
-        reload_p99: percentile(&reload, 0.99),
+        steady_p50: percentile_rounded(&steady, 0.50),
+        steady_p99: percentile_rounded(&steady, 0.99),
+        reload_p50: percentile_rounded(&reload, 0.50),
+        reload_p99: percentile_rounded(&reload, 0.99),
         reload_max: reload.last().copied().unwrap_or_default(),
         reload_wall: windows.iter().map(|(a, b)| *b - *a).collect(),
         errors_by_window,
@@ -571,11 +553,7 @@ fn print_table(shape: Shape, fl: Option<&Outcome>, p2: Option<&Outcome>) {
     row("max, during reload", &|o| o.reload_max.as_secs_f64(), &dur);
     row(
         "reload wall time (median)",
-        &|o| {
-            let mut v = o.reload_wall.clone();
-            v.sort();
-            v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64())
-        },
+        &|o| upper_median(&o.reload_wall).map_or(0.0, |d| d.as_secs_f64()),
         &dur,
     );
     for (tool, o) in [("flotilla", fl), ("pm2", p2)] {

@@ -1,4 +1,32 @@
-//! What every benchmark prints about where it ran.
+//! What the benches share: what every benchmark prints about where it ran, settings from the
+//! environment, and (in the submodules) statistics, tables and /proc readings.
+//!
+//! Each bench compiles this module on its own (`mod common;`) and uses part of it.
+#![allow(dead_code)]
+
+pub mod procfs;
+pub mod stats;
+pub mod table;
+
+/// A number (or other value) from the environment variable `name`, or `default` when it is
+/// unset or does not parse.
+pub fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Removes every FLOTILLA_* and PM2_* variable this process has from `c`'s environment, so that
+/// a flotilla or pm2 command sees only the home the bench then gives it.
+pub fn clear_tool_env(c: &mut std::process::Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().to_string();
+        if k.starts_with("FLOTILLA_") || k.starts_with("PM2_") {
+            c.env_remove(k);
+        }
+    }
+}
 
 /// The trimmed output of a command (stdout, else stderr), or `?` when it cannot run.
 pub fn command_line(program: &str, args: &[&str]) -> String {
