@@ -126,7 +126,7 @@ impl Supervisor {
                     pm_id,
                     run_gen,
                     msg,
-                }) => self.on_cluster(pm_id, run_gen, &msg),
+                }) => self.on_cluster(pm_id, run_gen, msg),
                 Msg::RestartDue { pm_id, run_gen } => {
                     if let Some(p) = self.procs.get_mut(&pm_id)
                         && p.run_gen == run_gen

@@ -3,14 +3,15 @@
 //!
 //! The files: [`actor`] (the messages and the loop), [`table`] (a process and its runs),
 //! [`start`], [`spawn_run`] (a new run, then online), [`stop`], [`exit`], [`targeted`]
-//! (stop/restart/reload/delete requests), [`settle`] (their replies), [`reload`] (the overlap of
-//! old and new runs), [`cluster`] (Node's cluster primary), [`schedules`] (watch, cron, memory),
-//! [`assignment`] (convergence), [`queries`] and [`send`].
+//! (stop/restart/reload/delete requests), [`settle`] (their replies), [`reload`] (the overlap
+//! of old and new runs), [`cluster`] (Node's cluster primary) and [`node_cluster`] (its wire),
+//! [`schedules`] (watch, cron, memory), [`assignment`] (convergence), [`queries`] and [`send`].
 
 mod actor;
 mod assignment;
 mod cluster;
 mod exit;
+mod node_cluster;
 mod queries;
 mod reload;
 mod schedules;
@@ -22,6 +23,7 @@ mod stop;
 mod table;
 mod targeted;
 
+pub use node_cluster::{ClusterMsg, ServerQuery};
 pub use settle::RELOADED_AS_RESTART;
 
 use actor::{Msg, Supervisor, forward};

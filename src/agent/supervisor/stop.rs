@@ -1,7 +1,7 @@
 //! Stopping a process: how a run is asked to stop, the merge of overlapping requests, and the kill timers.
 
 use super::actor::{Msg, Supervisor, schedule};
-use super::cluster::cluster_line;
+use super::node_cluster;
 use super::table::{Run, release_sockets};
 use crate::agent::ipc::OutFrame;
 use crate::agent::signals;
@@ -66,9 +66,7 @@ pub(super) fn ask_to_stop(pm_id: u32, run: &mut Run, spec: &AppSpec, launch: &La
     match stop_way(spec, launch) {
         StopWay::Disconnect => {
             let seq = run.cluster_seq;
-            let line = cluster_line(serde_json::json!({
-                "cmd": "NODE_CLUSTER", "act": "disconnect", "seq": seq
-            }));
+            let line = node_cluster::disconnect(seq);
             if run.writer.try_send(OutFrame::line(line)).is_ok() {
                 run.cluster_seq += 1;
                 run.disconnecting = true;
