@@ -48,8 +48,7 @@ impl Supervisor {
         p.run_gen += 1;
         if shutting_down {
             // A restart that was under way when the agent began to stop: leave it stopped.
-            p.meta.status = Status::Stopped;
-            p.relay.set_meta(&p.meta);
+            p.set_status(Status::Stopped);
             return;
         }
         // The app's listening sockets: bound by the first instance, kept by every run.
@@ -57,12 +56,7 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(pm_id, "{}", e.message);
-                p.meta.status = Status::Errored;
-                p.meta.pid = 0;
-                p.relay.set_meta(&p.meta);
-                p.spawn_error = Some(e.message.clone());
-                p.relay
-                    .event(&EventFields::named(ProcessEvent::SpawnError).reason(e.message));
+                p.spawn_failed(e.message);
                 return;
             }
         };
@@ -132,8 +126,7 @@ impl Supervisor {
                 // A Node cluster worker is online once Node has booted and run the main module
                 // (its `listen()`s asked for), unless it is to send 'ready'.
                 if p.spec.wait_ready || spawn::is_node_cluster(&p.launch) {
-                    p.meta.status = Status::Launching;
-                    p.relay.set_meta(&p.meta);
+                    p.set_status(Status::Launching);
                     let (run_gen, d) = (p.run_gen, p.spec.listen_timeout);
                     schedule(
                         &tracker,
@@ -143,8 +136,7 @@ impl Supervisor {
                         Msg::ReadyTimeout { pm_id, run_gen },
                     );
                 } else {
-                    p.meta.status = Status::Online;
-                    p.relay.set_meta(&p.meta);
+                    p.set_status(Status::Online);
                     p.relay.event(&EventFields::named(ProcessEvent::Online));
                 }
                 tracing::info!(pm_id, pid, app = %p.app, "worker spawned");
@@ -160,12 +152,7 @@ impl Supervisor {
                     self.cfg.host
                 );
                 tracing::error!(pm_id, "{reason}");
-                p.meta.status = Status::Errored;
-                p.meta.pid = 0;
-                p.relay.set_meta(&p.meta);
-                p.spawn_error = Some(reason.clone());
-                p.relay
-                    .event(&EventFields::named(ProcessEvent::SpawnError).reason(reason));
+                p.spawn_failed(reason);
             }
         }
     }
@@ -203,8 +190,7 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return;
         };
-        p.meta.status = Status::Online;
-        p.relay.set_meta(&p.meta);
+        p.set_status(Status::Online);
         let mut ev = EventFields::named(ProcessEvent::Online);
         if let Some(r) = reason {
             ev = ev.reason(r);

@@ -8,6 +8,7 @@ use crate::agent::relay::WorkerRelay;
 use crate::agent::spawn::Launch;
 use crate::agent::stats::CpuMeter;
 use crate::protocol::envelope::{EventFields, ProcessMeta, Status};
+use crate::protocol::event::ProcessEvent;
 use crate::protocol::{AppKey, AppSpec};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,6 +106,22 @@ pub(super) struct Proc {
 }
 
 impl Proc {
+    /// Sets the status, and tells the relay (the process's lines and events carry it).
+    pub(super) fn set_status(&mut self, status: Status) {
+        self.meta.status = status;
+        self.relay.set_meta(&self.meta);
+    }
+
+    /// A run could not be had: `errored`, the reason kept for the reply and told in a
+    /// `spawn:error` event.
+    pub(super) fn spawn_failed(&mut self, reason: String) {
+        self.meta.pid = 0;
+        self.set_status(Status::Errored);
+        self.spawn_error = Some(reason.clone());
+        self.relay
+            .event(&EventFields::named(ProcessEvent::SpawnError).reason(reason));
+    }
+
     /// Run `run_gen` of this process, the current one or the old one of a reload (then true).
     pub(super) fn run_of(&self, run_gen: u64) -> Option<(&Run, bool)> {
         match (&self.run, &self.retiring) {
