@@ -9,15 +9,23 @@ use crate::protocol::event::ProcessEvent;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+/// True when a reload can start the new run before stopping the old one: it runs and is online,
+/// no other reload of it is under way, and it shares its listening sockets through the agent
+/// (so both runs serve the same ones).
+pub(super) fn overlaps(running: bool, reloading: bool, status: Status, shares: bool) -> bool {
+    running && !reloading && status == Status::Online && shares
+}
+
 impl Supervisor {
-    /// True when a reload can start the new run before stopping the old one: it runs, and
-    /// shares its listening sockets through the agent (so both runs serve the same ones).
+    /// True when a reload can start the new run before stopping the old one (see [`overlaps`]).
     pub(super) fn can_overlap(&self, pm_id: u32) -> bool {
         self.procs.get(&pm_id).is_some_and(|p| {
-            p.run.is_some()
-                && p.retiring.is_none()
-                && p.meta.status == Status::Online
-                && (!p.sockets.is_empty() || !p.cluster_sockets.is_empty())
+            overlaps(
+                p.run.is_some(),
+                p.retiring.is_some(),
+                p.meta.status,
+                !p.sockets.is_empty() || !p.cluster_sockets.is_empty(),
+            )
         })
     }
 
@@ -98,5 +106,33 @@ impl Supervisor {
             Msg::DisconnectDue { pm_id, run_gen }
         };
         schedule(&tracker, &self.cfg.cancel, &self.tx, deadline, msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_online_run_sharing_sockets_and_not_already_reloading_overlaps() {
+        assert!(overlaps(true, false, Status::Online, true));
+        assert!(
+            !overlaps(true, false, Status::Online, false),
+            "no shared socket"
+        );
+        assert!(
+            !overlaps(true, true, Status::Online, true),
+            "a reload under way"
+        );
+        assert!(!overlaps(false, false, Status::Online, true), "no run");
+        for status in [
+            Status::Launching,
+            Status::Stopping,
+            Status::Stopped,
+            Status::WaitingRestart,
+            Status::Errored,
+        ] {
+            assert!(!overlaps(true, false, status, true), "{status:?}");
+        }
     }
 }

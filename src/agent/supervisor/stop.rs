@@ -12,11 +12,29 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
+/// What happens once a stopping process has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum AfterStop {
+    /// It stays stopped.
     Nothing,
+    /// A new run.
     Restart,
+    /// It leaves the table.
     Delete,
+}
+
+impl AfterStop {
+    /// What happens after the exit when a stop asking for `asked` overlaps one pending with
+    /// `self`: a delete always wins; a restart does not undo a delete; a user's stop (one that
+    /// `replies`, as a request does) cancels a pending restart, a stop nobody asked for does not.
+    pub(super) fn then(self, asked: AfterStop, replies: bool) -> AfterStop {
+        match (self, asked) {
+            (_, AfterStop::Delete) | (AfterStop::Delete, _) => AfterStop::Delete,
+            (_, AfterStop::Restart) => AfterStop::Restart,
+            (AfterStop::Restart, AfterStop::Nothing) if !replies => AfterStop::Restart,
+            (_, AfterStop::Nothing) => AfterStop::Nothing,
+        }
+    }
 }
 
 /// How long a Node cluster worker that closed its channel after `disconnect` gets to exit on
@@ -34,10 +52,10 @@ pub(super) enum StopWay {
     Signal,
 }
 
-pub(super) fn stop_way(spec: &AppSpec, launch: &Launch) -> StopWay {
-    if spec.shutdown_with_message {
+pub(super) fn stop_way(shutdown_with_message: bool, node_cluster: bool) -> StopWay {
+    if shutdown_with_message {
         StopWay::Message
-    } else if spawn::is_node_cluster(launch) {
+    } else if node_cluster {
         StopWay::Disconnect
     } else {
         StopWay::Signal
@@ -63,7 +81,7 @@ pub(super) fn kill_run(pid: u32, treekill: bool, sig: Signal) -> nix::Result<()>
 /// cluster worker disconnects.
 pub(super) fn ask_to_stop(pm_id: u32, run: &mut Run, spec: &AppSpec, launch: &Launch) -> bool {
     let sig = signals::parse(&spec.kill_signal).unwrap_or(Signal::SIGINT);
-    match stop_way(spec, launch) {
+    match stop_way(spec.shutdown_with_message, spawn::is_node_cluster(launch)) {
         StopWay::Disconnect => {
             let seq = run.cluster_seq;
             let line = node_cluster::disconnect(seq);
@@ -108,18 +126,10 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(&pm_id) else {
             return false;
         };
-        // What happens after the exit, when requests overlap: a delete always wins; a restart
-        // does not undo a delete; a user's stop cancels a pending restart.
-        p.after_stop = match (p.after_stop, after) {
-            (_, AfterStop::Delete) | (AfterStop::Delete, _) => AfterStop::Delete,
-            (_, AfterStop::Restart) => AfterStop::Restart,
-            (AfterStop::Restart, AfterStop::Nothing) if op.is_none() => AfterStop::Restart,
-            (_, AfterStop::Nothing) => AfterStop::Nothing,
-        };
+        p.after_stop = p.after_stop.then(after, op.is_some());
         match p.meta.status {
             Status::Launching | Status::Online => {
-                p.meta.status = Status::Stopping;
-                p.relay.set_meta(&p.meta);
+                p.set_status(Status::Stopping);
                 let deadline = Instant::now() + p.spec.kill_timeout;
                 let run_gen = p.run_gen;
                 let signalled = match p.run.as_mut() {
@@ -145,8 +155,7 @@ impl Supervisor {
             Status::WaitingRestart | Status::Stopped | Status::Errored => {
                 if p.meta.status == Status::WaitingRestart {
                     p.run_gen += 1; // cancels the pending restart
-                    p.meta.status = Status::Stopped;
-                    p.relay.set_meta(&p.meta);
+                    p.set_status(Status::Stopped);
                 }
                 if after == AfterStop::Nothing {
                     release_sockets(p);
@@ -221,5 +230,39 @@ impl Supervisor {
         let deadline = Instant::now() + spec.kill_timeout;
         run.stop_deadline = Some(deadline);
         schedule(&tracker, &self.cfg.cancel, &self.tx, deadline, msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use AfterStop::{Delete, Nothing, Restart};
+
+    #[test]
+    fn a_delete_always_wins_and_a_restart_never_undoes_it() {
+        for pending in [Nothing, Restart, Delete] {
+            for replies in [false, true] {
+                assert_eq!(pending.then(Delete, replies), Delete);
+                assert_eq!(Delete.then(pending, replies), Delete);
+            }
+        }
+        assert_eq!(Nothing.then(Restart, true), Restart);
+        assert_eq!(Nothing.then(Restart, false), Restart);
+    }
+
+    #[test]
+    fn a_users_stop_cancels_a_pending_restart_a_scheduled_one_does_not() {
+        assert_eq!(Restart.then(Nothing, true), Nothing);
+        assert_eq!(Restart.then(Nothing, false), Restart);
+        assert_eq!(Nothing.then(Nothing, false), Nothing);
+        assert_eq!(Restart.then(Restart, true), Restart);
+    }
+
+    #[test]
+    fn a_run_is_asked_to_stop_the_apps_way() {
+        assert_eq!(stop_way(true, true), StopWay::Message);
+        assert_eq!(stop_way(true, false), StopWay::Message);
+        assert_eq!(stop_way(false, true), StopWay::Disconnect);
+        assert_eq!(stop_way(false, false), StopWay::Signal);
     }
 }
