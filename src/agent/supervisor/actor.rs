@@ -82,6 +82,9 @@ pub(super) struct Supervisor {
     pub(super) sockets: crate::agent::sockets::Sockets,
     /// The first cluster worker's `data` per queryServer key (echoed to every worker).
     pub(super) cluster_data: HashMap<String, serde_json::Value>,
+    /// The log directory exists: made once when the supervisor starts, not on the actor's task
+    /// at every `start` (made again only after it failed).
+    pub(super) log_dir_made: bool,
 }
 
 /// Sends `msg` back to the supervisor at `at`, unless the agent finishes shutting down first
@@ -245,7 +248,7 @@ impl Supervisor {
             Request::List(r) => self.list(&r),
             Request::Send(r) => self.send(r),
             Request::Signal(r) => self.signal(r),
-            Request::Logs(r) => self.logs(&r),
+            Request::Logs(r) => return self.logs(&r, reply),
             Request::Stop(r) => {
                 return self.targeted(r, AfterStop::Nothing, Settle::Exited, reply, wtx);
             }

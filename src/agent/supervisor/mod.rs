@@ -123,6 +123,8 @@ pub fn start(cfg: SupervisorConfig) -> SupervisorHandle {
     let (tx, rx) = mpsc::channel(1024);
     let (wtx, wrx) = mpsc::channel::<WorkerEvent>(1024);
     let tracker = cfg.tracker.clone();
+    // Once, before the actor runs: a failure is told precisely by the first `start`.
+    let log_dir_made = std::fs::create_dir_all(&cfg.log_dir).is_ok();
     // Worker events get their own channel so a burst of requests never delays an exit.
     let fwd = tx.clone();
     tracker.spawn(forward(wrx, fwd));
@@ -138,6 +140,7 @@ pub fn start(cfg: SupervisorConfig) -> SupervisorHandle {
         applied: None,
         sockets: Default::default(),
         cluster_data: HashMap::new(),
+        log_dir_made,
     };
     tracker.spawn(sup.run(rx, wtx));
     SupervisorHandle { tx }

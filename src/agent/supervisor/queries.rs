@@ -3,50 +3,79 @@
 use super::Summary;
 use super::actor::Supervisor;
 use crate::protocol::control::{LogsRequest, Target, TargetRequest};
-use crate::protocol::envelope::Status;
+use crate::protocol::envelope::{ProcessMeta, Status};
 use crate::protocol::error::{ControlError, ErrorKind};
 use crate::protocol::reply::{AgentStats, LogTail, ProcessInfo, Reply};
+use tokio::sync::oneshot;
 
-impl Supervisor {
-    pub(super) fn matching(&self, target: &Target) -> Result<Vec<u32>, ControlError> {
-        let ids: Vec<u32> = self
-            .procs
-            .values()
-            .filter(|p| target.matches(&p.meta))
-            .map(|p| p.meta.pm_id)
+/// The processes of `table` (in pm_id order) a request is about, and (when the request names
+/// `pm_ids`) the named ones this agent does not have. A target nothing matches is an error
+/// unless it is `all`.
+pub(super) fn select(
+    table: &[&ProcessMeta],
+    target: &Target,
+    pm_ids: &[u32],
+    host: &str,
+) -> Result<(Vec<u32>, Vec<u32>), ControlError> {
+    if pm_ids.is_empty() {
+        let ids: Vec<u32> = table
+            .iter()
+            .filter(|m| target.matches(m))
+            .map(|m| m.pm_id)
             .collect();
         if ids.is_empty() && *target != Target::All {
             return Err(ControlError::new(
                 ErrorKind::NotFound,
                 format!(
-                    "no process matches '{target}' on host {}: `list` shows what runs there",
-                    self.host()
+                    "no process matches '{target}' on host {host}: `list` shows what runs there"
                 ),
             ));
         }
-        Ok(ids)
+        return Ok((ids, vec![]));
     }
+    let (mut have, mut absent) = (vec![], vec![]);
+    for &id in pm_ids {
+        match table.iter().find(|m| m.pm_id == id) {
+            Some(m) if target.matches(m) => have.push(id),
+            _ => absent.push(id),
+        }
+    }
+    have.sort_unstable();
+    have.dedup();
+    Ok((have, absent))
+}
 
+/// Fills each tail with the last `lines` lines (at most `per_file` bytes) of its file; the
+/// first file that cannot be read fails them all. Blocking.
+fn read_tails(
+    mut tails: Vec<LogTail>,
+    lines: usize,
+    per_file: u64,
+    host: &str,
+) -> Result<Vec<LogTail>, ControlError> {
+    for t in &mut tails {
+        let (got, truncated) = crate::agent::tail::tail(&t.path, lines, per_file).map_err(|e| {
+            ControlError::new(
+                ErrorKind::Internal,
+                format!("cannot read {} on host {host}: {e}", t.path.display()),
+            )
+        })?;
+        t.lines = got;
+        t.truncated = truncated;
+    }
+    Ok(tails)
+}
+
+impl Supervisor {
     /// The processes a request is about, and (when the request names pm_ids) the ones this
-    /// agent does not have.
+    /// agent does not have (see [`select`]).
     pub(super) fn select(
         &self,
         target: &Target,
         pm_ids: &[u32],
     ) -> Result<(Vec<u32>, Vec<u32>), ControlError> {
-        if pm_ids.is_empty() {
-            return self.matching(target).map(|ids| (ids, vec![]));
-        }
-        let (mut have, mut absent) = (vec![], vec![]);
-        for &id in pm_ids {
-            match self.procs.get(&id) {
-                Some(p) if target.matches(&p.meta) => have.push(id),
-                _ => absent.push(id),
-            }
-        }
-        have.sort_unstable();
-        have.dedup();
-        Ok((have, absent))
+        let metas: Vec<&ProcessMeta> = self.procs.values().map(|p| &p.meta).collect();
+        select(&metas, target, pm_ids, self.host())
     }
 
     pub(super) fn info(&mut self, pm_id: u32) -> Option<ProcessInfo> {
@@ -90,40 +119,58 @@ impl Supervisor {
     }
 
     /// The last lines of each process's log files (bounded so the reply fits in a message).
-    pub(super) fn logs(&mut self, r: &LogsRequest) -> Result<Reply, ControlError> {
-        let (ids, _) = self.select(&r.target, &r.pm_ids)?;
+    /// The paths are gathered here; the files are read on a blocking thread, which replies.
+    pub(super) fn logs(&self, r: &LogsRequest, reply: oneshot::Sender<Reply>) {
+        let ids = match self.select(&r.target, &r.pm_ids) {
+            Ok((ids, _)) => ids,
+            Err(e) => {
+                let _ = reply.send(Reply::err(Some(r.request_id), self.host(), e));
+                return;
+            }
+        };
         let lines = r.lines.min(10_000) as usize;
         let files = (ids.len() * 2).max(1) as u64;
         // Half the largest message for the whole reply, shared by the files.
         let per_file = (self.cfg.hub.max_message() as u64 / 2 / files).max(1024);
-        let mut reply = Reply::ok(Some(r.request_id), self.host());
+        let mut tails = vec![];
         for id in ids {
             let p = &self.procs[&id];
             for (stream, path) in [("out", &p.out_log), ("err", &p.err_log)] {
-                let (got, truncated) =
-                    crate::agent::tail::tail(path, lines, per_file).map_err(|e| {
-                        ControlError::new(
-                            ErrorKind::Internal,
-                            format!(
-                                "cannot read {} on host {}: {e}",
-                                path.display(),
-                                self.host()
-                            ),
-                        )
-                    })?;
-                reply.logs.push(LogTail {
+                tails.push(LogTail {
                     pm_id: id,
                     name: p.meta.name.clone(),
                     namespace: p.meta.namespace.clone(),
                     host: self.cfg.host.clone(),
                     stream: stream.into(),
                     path: path.clone(),
-                    lines: got,
-                    truncated,
+                    lines: vec![],
+                    truncated: false,
                 });
             }
         }
-        Ok(reply)
+        let (request_id, host) = (r.request_id, self.cfg.host.clone());
+        self.cfg.tracker.spawn(async move {
+            let read = tokio::task::spawn_blocking({
+                let host = host.clone();
+                move || read_tails(tails, lines, per_file, &host)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(ControlError::new(
+                    ErrorKind::Internal,
+                    format!("reading the log files on host {host} failed: {e}"),
+                ))
+            });
+            let out = match read {
+                Ok(logs) => {
+                    let mut out = Reply::ok(Some(request_id), &host);
+                    out.logs = logs;
+                    out
+                }
+                Err(e) => Reply::err(Some(request_id), &host, e),
+            };
+            let _ = reply.send(out);
+        });
     }
 
     pub(super) fn summary(&mut self) -> Summary {

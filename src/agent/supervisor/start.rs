@@ -20,6 +20,81 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+/// The `n` lowest ids from `from` on that are not `taken` (controller-chosen ids may sit above
+/// the counter).
+pub(super) fn free_ids(
+    from: u32,
+    n: u32,
+    taken: impl Fn(u32) -> bool,
+) -> Result<Vec<u32>, ControlError> {
+    let mut ids = Vec::with_capacity(n as usize);
+    let mut next = from;
+    while ids.len() < n as usize {
+        if !taken(next) {
+            ids.push(next);
+        }
+        next = next.checked_add(1).ok_or_else(|| {
+            ControlError::new(ErrorKind::InvalidValue, "no pm_id is left on this agent")
+        })?;
+    }
+    Ok(ids)
+}
+
+/// The checks of a start whose pm_ids the controller chose: one id per instance, each its own,
+/// and instance numbers (if any) for each.
+pub(super) fn check_assigned(spec: &AppSpec) -> Result<(), ControlError> {
+    let n = spec.instances.unwrap_or(1) as usize;
+    if spec.pm_ids.len() != n {
+        return Err(ControlError::new(
+            ErrorKind::InvalidValue,
+            format!("pm_ids has {} ids for {n} instances", spec.pm_ids.len()),
+        ));
+    }
+    if !spec.instance_numbers.is_empty() && spec.instance_numbers.len() != n {
+        return Err(ControlError::new(
+            ErrorKind::InvalidValue,
+            format!(
+                "instance_numbers has {} numbers for {n} instances",
+                spec.instance_numbers.len()
+            ),
+        ));
+    }
+    let distinct: BTreeSet<u32> = spec.pm_ids.iter().copied().collect();
+    if distinct.len() != spec.pm_ids.len() {
+        return Err(ControlError::new(
+            ErrorKind::InvalidValue,
+            "pm_ids has the same id twice: each instance needs its own",
+        ));
+    }
+    Ok(())
+}
+
+/// What an assigned start does with an id the table has already (same app).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AssignedStep {
+    /// It is stopping: a new run with the new options once it has exited (`restarting`).
+    AfterStop,
+    /// It runs with other options: restarted with the new ones.
+    Respec,
+    /// It is not running: started again, with the options given.
+    StartAgain,
+    /// It runs with these options: left alone.
+    AlreadyOnline,
+}
+
+/// The step for an id in `status` whose options are the `same` as those asked for (or not).
+pub(super) fn assigned_step(status: Status, same: bool) -> AssignedStep {
+    if status == Status::Stopping {
+        AssignedStep::AfterStop
+    } else if !same && status.is_alive() {
+        AssignedStep::Respec
+    } else if !status.is_alive() {
+        AssignedStep::StartAgain
+    } else {
+        AssignedStep::AlreadyOnline
+    }
+}
+
 impl Supervisor {
     pub(super) fn start(
         &mut self,
@@ -73,17 +148,9 @@ impl Supervisor {
             }
             return Ok(reply);
         }
-        // Lowest free ids from the counter on (controller-chosen ids may sit above it).
-        let mut ids = Vec::with_capacity(instances as usize);
-        let mut next = self.next_pm_id;
-        while ids.len() < instances as usize {
-            if !self.procs.contains_key(&next) {
-                ids.push(next);
-            }
-            next = next.checked_add(1).ok_or_else(|| {
-                ControlError::new(ErrorKind::InvalidValue, "no pm_id is left on this agent")
-            })?;
-        }
+        let ids = free_ids(self.next_pm_id, instances, |id| {
+            self.procs.contains_key(&id)
+        })?;
         let numbers: Vec<u32> = (0..instances).collect();
         self.create(&app, &spec, &launch, &ids, &numbers, &mut reply, wtx)?;
         Ok(reply)
@@ -101,29 +168,7 @@ impl Supervisor {
         mut reply: Reply,
         wtx: &mpsc::Sender<WorkerEvent>,
     ) -> Result<Reply, ControlError> {
-        let n = spec.instances.unwrap_or(1) as usize;
-        if spec.pm_ids.len() != n {
-            return Err(ControlError::new(
-                ErrorKind::InvalidValue,
-                format!("pm_ids has {} ids for {n} instances", spec.pm_ids.len()),
-            ));
-        }
-        if !spec.instance_numbers.is_empty() && spec.instance_numbers.len() != n {
-            return Err(ControlError::new(
-                ErrorKind::InvalidValue,
-                format!(
-                    "instance_numbers has {} numbers for {n} instances",
-                    spec.instance_numbers.len()
-                ),
-            ));
-        }
-        let distinct: BTreeSet<u32> = spec.pm_ids.iter().copied().collect();
-        if distinct.len() != spec.pm_ids.len() {
-            return Err(ControlError::new(
-                ErrorKind::InvalidValue,
-                "pm_ids has the same id twice: each instance needs its own",
-            ));
-        }
+        check_assigned(&spec)?;
         if let Some(p) = spec
             .pm_ids
             .iter()
@@ -148,31 +193,31 @@ impl Supervisor {
                 numbers.push(spec.instance_numbers.get(i).copied().unwrap_or(i as u32));
                 continue;
             };
-            let same = converge::same_shape(&p.spec, &spec);
-            let alive = p.meta.status.is_alive();
-            let what = if p.meta.status == Status::Stopping {
-                // Still stopping (a stop under way when it was wanted running again): run it
-                // again once it has exited, with these options.
-                if let Some(p) = self.procs.get_mut(&id) {
-                    p.spec = spec.clone();
-                    p.launch = launch.clone();
+            let step = assigned_step(p.meta.status, converge::same_shape(&p.spec, &spec));
+            if step != AssignedStep::AlreadyOnline
+                && let Some(p) = self.procs.get_mut(&id)
+            {
+                p.spec = spec.clone();
+                p.launch = launch.clone();
+            }
+            let what = match step {
+                AssignedStep::AfterStop => {
+                    // Still stopping (a stop under way when it was wanted running again): run it
+                    // again once it has exited, with these options.
+                    self.stop_one(id, AfterStop::Restart, None);
+                    Change::new(id, ChangeKind::Restarting)
                 }
-                self.stop_one(id, AfterStop::Restart, None);
-                Change::new(id, ChangeKind::Restarting)
-            } else if !same && alive {
-                if let Some(p) = self.procs.get_mut(&id) {
-                    p.spec = spec.clone();
-                    p.launch = launch.clone();
+                AssignedStep::Respec => {
+                    if !self.stop_one(id, AfterStop::Restart, None) {
+                        self.manual_restart(id, wtx);
+                    }
+                    Change::new(id, ChangeKind::Restarted).detail("with the new options")
                 }
-                if !self.stop_one(id, AfterStop::Restart, None) {
-                    self.manual_restart(id, wtx);
+                AssignedStep::StartAgain => {
+                    self.start_again(id, &spec, &launch, wtx);
+                    Change::new(id, ChangeKind::Started)
                 }
-                Change::new(id, ChangeKind::Restarted).detail("with the new options")
-            } else if !alive {
-                self.start_again(id, &spec, &launch, wtx);
-                Change::new(id, ChangeKind::Started)
-            } else {
-                Change::new(id, ChangeKind::AlreadyOnline)
+                AssignedStep::AlreadyOnline => Change::new(id, ChangeKind::AlreadyOnline),
             };
             reply.changes.push(what);
             reply.processes.extend(self.info(id));
@@ -216,15 +261,19 @@ impl Supervisor {
         wtx: &mpsc::Sender<WorkerEvent>,
     ) -> Result<(), ControlError> {
         let app_id = spec.app_id.unwrap_or_else(Uuid::new_v4);
-        std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| {
-            ControlError::new(
-                ErrorKind::SpawnFailed,
-                format!(
-                    "cannot create the log directory {}: {e}",
-                    self.cfg.log_dir.display()
-                ),
-            )
-        })?;
+        if !self.log_dir_made {
+            // It failed when the supervisor started: once more, for the precise error.
+            std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| {
+                ControlError::new(
+                    ErrorKind::SpawnFailed,
+                    format!(
+                        "cannot create the log directory {}: {e}",
+                        self.cfg.log_dir.display()
+                    ),
+                )
+            })?;
+            self.log_dir_made = true;
+        }
         let instances = spec.instances.unwrap_or(ids.len() as u32);
         for (i, &pm_id) in ids.iter().enumerate() {
             self.next_pm_id = self.next_pm_id.max(pm_id.saturating_add(1));
@@ -332,6 +381,69 @@ impl Supervisor {
             let relay = self.cfg.hub.worker(&app, &meta);
             relay.event(&EventFields::named(ProcessEvent::SpawnError).reason(e.message.clone()));
             self.cfg.hub.retire(&relay);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ids_are_the_lowest_untaken_from_the_counter() {
+        let taken = [1, 2, 5];
+        let ids = free_ids(1, 3, |id| taken.contains(&id)).expect("ids are left");
+        assert_eq!(ids, vec![3, 4, 6]);
+        assert_eq!(
+            free_ids(7, 0, |_| false).expect("none asked"),
+            Vec::<u32>::new()
+        );
+        let e = free_ids(u32::MAX - 1, 3, |_| false).expect_err("the ids run out");
+        assert_eq!(e.kind, ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn an_assigned_start_checks_its_ids() {
+        let mut s = AppSpec::new("a", "/x.js");
+        s.instances = Some(2);
+        s.pm_ids = vec![4, 9];
+        assert!(check_assigned(&s).is_ok());
+        s.instance_numbers = vec![0];
+        assert!(
+            check_assigned(&s)
+                .expect_err("one number for two")
+                .message
+                .contains("instance_numbers has 1")
+        );
+        s.instance_numbers = vec![];
+        s.pm_ids = vec![4, 4];
+        assert!(
+            check_assigned(&s)
+                .expect_err("the same id twice")
+                .message
+                .contains("twice")
+        );
+        s.pm_ids = vec![4];
+        assert!(
+            check_assigned(&s)
+                .expect_err("one id for two")
+                .message
+                .contains("pm_ids has 1 ids for 2")
+        );
+    }
+
+    #[test]
+    fn an_assigned_id_present_already_is_restarted_started_or_left() {
+        use AssignedStep::*;
+        for same in [true, false] {
+            assert_eq!(assigned_step(Status::Stopping, same), AfterStop);
+            for status in [Status::Stopped, Status::Errored] {
+                assert_eq!(assigned_step(status, same), StartAgain, "{status:?}");
+            }
+        }
+        for status in [Status::Online, Status::Launching, Status::WaitingRestart] {
+            assert_eq!(assigned_step(status, true), AlreadyOnline);
+            assert_eq!(assigned_step(status, false), Respec);
         }
     }
 }
