@@ -191,3 +191,85 @@ impl Supervisor {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(pm_id: u32, namespace: &str, name: &str) -> ProcessMeta {
+        ProcessMeta {
+            pm_id,
+            name: name.into(),
+            namespace: namespace.into(),
+            rev: None,
+            host: "h".into(),
+            pid: 0,
+            instance: 0,
+            exec_mode: Default::default(),
+            status: Status::Online,
+            restart_time: 0,
+            pm_uptime: 0,
+            app_id: Default::default(),
+        }
+    }
+
+    fn api(namespace: Option<&str>) -> Target {
+        Target::Name {
+            namespace: namespace.map(Into::into),
+            name: "api".into(),
+        }
+    }
+
+    #[test]
+    fn a_target_selects_what_it_matches_in_pm_id_order() {
+        let (a, b, c) = (
+            meta(0, "default", "api"),
+            meta(1, "x", "api"),
+            meta(2, "default", "web"),
+        );
+        let table = [&a, &b, &c];
+        assert_eq!(
+            select(&table, &api(None), &[], "h").expect("matches"),
+            (vec![0, 1], vec![])
+        );
+        assert_eq!(
+            select(&table, &api(Some("x")), &[], "h").expect("matches"),
+            (vec![1], vec![])
+        );
+        assert_eq!(
+            select(&table, &Target::Id(2), &[], "h").expect("matches"),
+            (vec![2], vec![])
+        );
+        assert_eq!(
+            select(&table, &Target::All, &[], "h").expect("all"),
+            (vec![0, 1, 2], vec![])
+        );
+    }
+
+    #[test]
+    fn nothing_matched_is_an_error_except_for_all() {
+        let e = select(&[], &api(None), &[], "web-3").expect_err("nothing matches");
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(
+            e.message,
+            "no process matches 'api' on host web-3: `list` shows what runs there"
+        );
+        assert_eq!(
+            select(&[], &Target::All, &[], "h").expect("all"),
+            (vec![], vec![])
+        );
+    }
+
+    #[test]
+    fn named_pm_ids_split_into_present_and_absent() {
+        let (a, c) = (meta(0, "default", "api"), meta(2, "default", "web"));
+        let table = [&a, &c];
+        // 2 is here but another app's: absent for this target; duplicates counted once.
+        let got = select(&table, &api(None), &[2, 0, 7, 0], "h").expect("named ids");
+        assert_eq!(got, (vec![0], vec![2, 7]));
+        assert_eq!(
+            select(&table, &Target::All, &[9], "h").expect("named ids"),
+            (vec![], vec![9])
+        );
+    }
+}

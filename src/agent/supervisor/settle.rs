@@ -135,3 +135,27 @@ impl Supervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_settled_restart_or_reload_says_which_and_why_not() {
+        assert_eq!(Settle::Restarted.done(), ChangeKind::Restarted);
+        assert_eq!(Settle::Reloaded.done(), ChangeKind::Reloaded);
+        let c = Settle::Restarted.not_done(4, SPAWN_FAILED);
+        assert_eq!(
+            (c.pm_id, c.what, c.detail.as_str()),
+            (4, ChangeKind::NotRestarted, SPAWN_FAILED)
+        );
+        assert_eq!(
+            Settle::Reloaded.not_done(4, "x").what,
+            ChangeKind::NotReloaded
+        );
+        assert_eq!(
+            Settle::Exited.not_done(4, "x").what,
+            ChangeKind::NotRestarted
+        );
+    }
+}
