@@ -5,6 +5,7 @@ use super::ipc::{self, Frame, LineReader, OutFrame};
 use super::publisher::Outgoing;
 use super::relay::WorkerRelay;
 use super::spawn::Spawned;
+use super::supervisor::ClusterMsg;
 use crate::protocol::message::{Classified, classify};
 use crate::protocol::subjects::kind;
 use std::path::PathBuf;
@@ -53,8 +54,8 @@ pub enum WorkerEvent {
         pm_id: u32,
         /// run generation
         run_gen: u64,
-        /// The message (`{"cmd":"NODE_CLUSTER","act":…,"seq":…}`).
-        msg: serde_json::Value,
+        /// The message, decoded.
+        msg: ClusterMsg,
     },
 }
 
@@ -251,7 +252,7 @@ async fn ipc_pump(
 ) {
     let mut reader = LineReader::new(relay.max_message());
     let mut out: Vec<Outgoing> = Vec::new();
-    let mut cluster: Vec<serde_json::Value> = Vec::new();
+    let mut cluster: Vec<ClusterMsg> = Vec::new();
     loop {
         let mut ready = false;
         let res = reader
@@ -263,22 +264,7 @@ async fn ipc_pump(
                             // supervisor, which owns the listening sockets (`online` and the
                             // boot probe's answer make it online, `listening` ends a reload's
                             // overlap, `close` lets a socket go).
-                            if let Ok(v) = serde_json::from_str::<serde_json::Value>(raw.get())
-                                && match v.get("act").and_then(|a| a.as_str()) {
-                                    Some(act) => matches!(
-                                        act,
-                                        "online"
-                                            | "queryServer"
-                                            | "exitedAfterDisconnect"
-                                            | "listening"
-                                            | "close"
-                                    ),
-                                    // An answer (`{"ack":n,"accepted":false}`: the boot probe).
-                                    None => v.get("ack").is_some(),
-                                }
-                            {
-                                cluster.push(v);
-                            }
+                            cluster.extend(ClusterMsg::decode(raw.get()));
                         } else if cmd == "NODE_HANDLE" {
                             // `process.send(msg, handle)`: the handle rode with this line. We
                             // do not use it: close it, acknowledge (else Node holds back the
