@@ -97,3 +97,42 @@ async fn conclude(
 fn plural(n: u32) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
+
+/// Processes and events for the verbs' unit tests.
+#[cfg(test)]
+mod fixtures {
+    use crate::protocol::{Envelope, EventFields, ProcessEvent, ProcessMeta, Status};
+
+    /// Instance `id` of app `name` (namespace `default`, on `web-1`), in `status`.
+    pub fn meta(id: u32, name: &str, status: Status) -> ProcessMeta {
+        ProcessMeta {
+            pm_id: id,
+            name: name.into(),
+            namespace: "default".into(),
+            rev: None,
+            host: "web-1".into(),
+            pid: 0,
+            instance: id,
+            exec_mode: Default::default(),
+            status,
+            restart_time: 0,
+            pm_uptime: 0,
+            app_id: uuid::Uuid::nil(),
+        }
+    }
+
+    /// A lifecycle event `ev` (with `reason`) of `process`; `None` for an envelope without one.
+    pub fn event(process: ProcessMeta, ev: Option<ProcessEvent>, reason: Option<&str>) -> Envelope {
+        Envelope {
+            at: 0,
+            data: None,
+            raw: None,
+            process,
+            event: ev.map(|e| EventFields {
+                reason: reason.map(str::to_string),
+                ..EventFields::named(e)
+            }),
+            id: uuid::Uuid::new_v4(),
+        }
+    }
+}

@@ -265,25 +265,12 @@ pub async fn wait_on(
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures;
     use super::*;
     use crate::protocol::reply::{Change, ProcessInfo};
-    use crate::protocol::{EventFields, ProcessMeta};
 
-    fn meta(id: u32, status: Status) -> ProcessMeta {
-        ProcessMeta {
-            pm_id: id,
-            name: "api".into(),
-            namespace: "default".into(),
-            rev: None,
-            host: "web-1".into(),
-            pid: 0,
-            instance: id,
-            exec_mode: Default::default(),
-            status,
-            restart_time: 0,
-            pm_uptime: 0,
-            app_id: uuid::Uuid::nil(),
-        }
+    fn meta(id: u32, status: Status) -> crate::protocol::ProcessMeta {
+        fixtures::meta(id, "api", status)
     }
 
     /// A reply that launched `ids` (each `what`), all still launching.
@@ -298,16 +285,7 @@ mod tests {
     }
 
     fn event(id: u32, status: Status, ev: ProcessEvent, reason: Option<&str>) -> Envelope {
-        let mut fields = EventFields::named(ev);
-        fields.reason = reason.map(str::to_string);
-        Envelope {
-            at: 0,
-            data: None,
-            raw: None,
-            process: meta(id, status),
-            event: Some(fields),
-            id: uuid::Uuid::new_v4(),
-        }
+        fixtures::event(meta(id, status), Some(ev), reason)
     }
 
     fn online(id: u32) -> Envelope {
@@ -348,9 +326,7 @@ mod tests {
         w.on_event(&online(1));
         w.on_event(&event(1, Status::Stopped, ProcessEvent::Exit, None));
         assert!(!w.is_done(), "it went down again");
-        let mut no_fields = online(1);
-        no_fields.event = None;
-        w.on_event(&no_fields);
+        w.on_event(&fixtures::event(meta(1, Status::Online), None, None));
         assert!(w.is_done());
     }
 

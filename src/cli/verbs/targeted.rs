@@ -143,8 +143,9 @@ pub async fn scale(settings: &Settings, a: &ScaleArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures;
     use super::*;
-    use crate::protocol::{EventFields, ProcessMeta, Status};
+    use crate::protocol::Status;
 
     #[test]
     fn scale_takes_a_total_or_a_change() {
@@ -159,26 +160,8 @@ mod tests {
 
     #[test]
     fn a_reload_counts_online_events_of_its_target() {
-        let env = |name: &str, ev: Option<ProcessEvent>| Envelope {
-            at: 0,
-            data: None,
-            raw: None,
-            process: ProcessMeta {
-                pm_id: 3,
-                name: name.into(),
-                namespace: "default".into(),
-                rev: None,
-                host: "web-1".into(),
-                pid: 0,
-                instance: 0,
-                exec_mode: Default::default(),
-                status: Status::Online,
-                restart_time: 0,
-                pm_uptime: 0,
-                app_id: Uuid::nil(),
-            },
-            event: ev.map(EventFields::named),
-            id: Uuid::nil(),
+        let env = |name: &str, ev: Option<ProcessEvent>| {
+            fixtures::event(fixtures::meta(3, name, Status::Online), ev, None)
         };
         let api = Target::parse("api").unwrap();
         assert!(back_online(&api, &env("api", Some(ProcessEvent::Online))));
