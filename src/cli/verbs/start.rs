@@ -118,3 +118,64 @@ async fn start_again(settings: &Settings, a: &StartArgs, here: &Here) -> anyhow:
         here.dir.display()
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusError;
+    use crate::protocol::ControlError;
+
+    /// Settings for a NATS nobody runs: a start that gets as far as connecting fails there.
+    fn nowhere() -> Settings {
+        let mut s = Settings::default();
+        s.nats.url = Some("nats://127.0.0.1:1".into());
+        s
+    }
+
+    async fn start_err(a: StartArgs) -> anyhow::Error {
+        start(&nowhere(), &a).await.unwrap_err()
+    }
+
+    fn refusal(e: &anyhow::Error) -> Option<ErrorKind> {
+        e.downcast_ref::<ControlError>().map(|c| c.kind)
+    }
+
+    #[tokio::test]
+    async fn what_the_controller_would_refuse_fails_before_any_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("app.js");
+        std::fs::write(&script, "").unwrap();
+        let args = |f: fn(&mut StartArgs)| {
+            let mut a = StartArgs {
+                script: script.display().to_string(),
+                ..Default::default()
+            };
+            f(&mut a);
+            a
+        };
+        let e = start_err(args(|a| a.instances = Some("99999".into()))).await;
+        assert_eq!(refusal(&e), Some(ErrorKind::InvalidValue), "{e}");
+        let e = start_err(args(|a| a.namespace = Some("a b".into()))).await;
+        assert_eq!(refusal(&e), Some(ErrorKind::InvalidName), "{e}");
+        // An ecosystem file is checked whole: its first app does not start when the second is bad.
+        let eco = dir.path().join("ecosystem.json");
+        let apps = r#"{"apps": [{"name": "a", "script": "app.js"},
+            {"name": "b", "script": "app.js", "kill_signal": "SIGNOPE"}]}"#;
+        std::fs::write(&eco, apps).unwrap();
+        let e = start_err(StartArgs {
+            script: eco.display().to_string(),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(refusal(&e), Some(ErrorKind::InvalidValue), "{e}");
+        // Valid input does get as far as connecting.
+        let e = start_err(args(|a| a.instances = Some("2".into()))).await;
+        assert!(
+            matches!(
+                e.downcast_ref::<BusError>(),
+                Some(BusError::Unreachable { .. })
+            ),
+            "{e}"
+        );
+    }
+}
