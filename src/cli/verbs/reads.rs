@@ -202,7 +202,7 @@ pub async fn info(settings: &Settings, a: &ReadArgs) -> anyhow::Result<()> {
             Err(e) => out.problem = Some(e.to_string()),
             Ok(nats) => {
                 out.nats_reachable = true;
-                let subjects = crate::protocol::Subjects::new(&s.subject_prefix)?;
+                let subjects = Subjects::new(&s.subject_prefix)?;
                 let replies = gather(&nats, &subjects.controllers("info")).await?;
                 for r in replies {
                     if let Some(c) = r.controller {
