@@ -138,13 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(a) => verbs::start(&settings()?, a).await,
         Command::Stop(a) => verbs::targeted(&settings()?, TargetVerb::Stop, a).await,
         Command::Restart(a) => verbs::targeted(&settings()?, TargetVerb::Restart, a).await,
-        Command::Reload(a) => {
-            let t = flotilla::cli::TargetArgs {
-                target: a.target.clone(),
-                json: a.json,
-            };
-            verbs::targeted_with(&settings()?, TargetVerb::Reload, &t, a.parallel).await
-        }
+        Command::Reload(a) => verbs::reload(&settings()?, a).await,
         Command::Delete(a) => verbs::targeted(&settings()?, TargetVerb::Delete, a).await,
         Command::Scale(a) => verbs::scale(&settings()?, a).await,
         Command::Ls(a) => verbs::ls(&settings()?, a).await,

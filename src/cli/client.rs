@@ -15,13 +15,13 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connected CLI.
 pub struct Client {
-    /// The NATS connection.
+    /// The connection, for subscriptions the verbs make themselves (`logs --follow`).
     pub nats: async_nats::Client,
-    /// Subject builder.
+    /// Subjects under the configured prefix.
     pub subjects: Subjects,
-    /// The URL in use.
+    /// The NATS URL connected to (shown in errors and by `monit`).
     pub url: String,
-    /// True when it is the local stack.
+    /// True when it is the local stack of `$FLOTILLA_HOME` (scripts are on this machine).
     pub local: bool,
 }
 
@@ -43,7 +43,7 @@ impl Client {
 
     /// The subject of every app's lifecycle events.
     pub fn all_process_events(&self) -> String {
-        format!("{}.*.*.process:event", self.subjects.prefix())
+        self.subjects.all_process_events()
     }
 
     /// Connects to the configured NATS, or to the local stack (starting it when none runs).

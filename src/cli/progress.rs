@@ -1,5 +1,5 @@
-//! Progress for long operations (start, reload, scale, kill, the quick start): a spinner line
-//! on stderr when it is a terminal, nothing otherwise; notes are printed either way.
+//! Progress for long operations (start, restart, reload, scale, starting the local stack): a
+//! spinner line on stderr when it is a terminal, nothing otherwise.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -34,14 +34,6 @@ impl Line {
     pub fn say(&mut self, msg: &str) {
         if let Some(b) = &self.bar {
             b.set_message(msg.to_string());
-        }
-    }
-
-    /// A line that stays (on stderr), terminal or not.
-    pub fn note(&mut self, msg: &str) {
-        match &self.bar {
-            Some(b) => b.println(msg),
-            None => eprintln!("{msg}"),
         }
     }
 

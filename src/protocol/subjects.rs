@@ -215,7 +215,23 @@ impl Subjects {
     }
     /// `pm.*.*.process:event`: every app's lifecycle events.
     pub fn all_process_events(&self) -> String {
-        format!("{}.*.*.process:event", self.prefix)
+        format!("{}.*.*.{}", self.prefix, kind::PROCESS_EVENT)
+    }
+    /// Every message of the apps `t` names: `pm.<ns>.<name>.*`, `pm.*.<name>.*` for a name in
+    /// any namespace, `pm.*.*.*` for `all` or a pm_id (whose app the subject does not carry).
+    pub fn target_wildcard(&self, t: &super::control::Target) -> String {
+        use super::control::Target;
+        match t {
+            Target::Name {
+                namespace: Some(ns),
+                name,
+            } => format!("{}.{ns}.{name}.*", self.prefix),
+            Target::Name {
+                namespace: None,
+                name,
+            } => format!("{}.*.{name}.*", self.prefix),
+            Target::All | Target::Id(_) => format!("{}.*.*.*", self.prefix),
+        }
     }
 
     /// `pmctl.agent.<host>.<verb>`
@@ -325,6 +341,25 @@ mod tests {
         assert_eq!(s.agent_wildcard(&host), "pmctl.agent.web-1.*");
         assert_eq!(s.api("ls"), "pmctl.api.ls");
         assert_eq!(s.all_events(), "pm.>");
+        assert_eq!(s.all_process_events(), "pm.*.*.process:event");
+    }
+
+    #[test]
+    fn target_wildcards_cover_what_the_target_names() {
+        use crate::protocol::control::Target;
+        let s = s();
+        let t = |x: &str| s.target_wildcard(&Target::parse(x).unwrap());
+        assert_eq!(t("prod/api"), "pm.prod.api.*");
+        assert_eq!(t("api"), "pm.*.api.*");
+        assert_eq!(t("all"), "pm.*.*.*");
+        assert_eq!(t("7"), "pm.*.*.*");
+        for k in [kind::LOG_OUT, kind::PROCESS_EVENT] {
+            let subject = format!("pm.prod.api.{k}");
+            assert!(matches!(
+                s.parse(&subject),
+                Some(Parsed::App { name: "api", .. })
+            ));
+        }
     }
 
     #[test]
