@@ -1020,3 +1020,40 @@ async fn with_nats_down_a_restarted_agent_runs_its_local_copy() {
     assert_eq!(again.await, "up\n");
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_or_reload_whose_new_run_cannot_be_spawned_says_which() {
+    use std::os::unix::fs::PermissionsExt;
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut w = Watch::new(&client, "pm.*.*.process:event").await;
+    let agent = TestAgent::start(&nats, "h").await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("sleeper");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+    let exec = |mode| std::fs::set_permissions(&script, std::fs::Permissions::from_mode(mode));
+    exec(0o755).unwrap();
+    for name in ["r", "l"] {
+        let mut s = AppSpec::new(name, &script);
+        s.interpreter = Some("none".into());
+        let r = request(&client, "h", start(s)).await;
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    w.event(0, "online").await;
+    w.event(1, "online").await;
+    // Its new run cannot be exec'd any more.
+    exec(0o644).unwrap();
+    for (verb, pm_id, kind) in [
+        ("restart", 0, ChangeKind::NotRestarted),
+        ("reload", 1, ChangeKind::NotReloaded),
+    ] {
+        let r = request(&client, "h", targeted(verb, &pm_id.to_string())).await;
+        let e = r.error.as_ref().expect("a failed spawn is an error");
+        assert_eq!(e.kind, ErrorKind::SpawnFailed, "{verb}: {e:?}");
+        assert_eq!(r.changes.len(), 1, "{verb}: {r:?}");
+        assert_eq!(r.changes[0].what, kind, "{verb}: {r:?}");
+        assert_eq!(r.changes[0].detail, "spawn failed", "{verb}");
+        w.event(pm_id, "spawn:error").await;
+    }
+    agent.stop().await.unwrap();
+}

@@ -37,7 +37,7 @@ pub async fn serve(
         let host = host.clone();
         async move {
             match Request::parse(&verb, &body) {
-                Err(e) => Reply::err(None, host.as_str(), e),
+                Err(e) => Reply::err(crate::bus::serve::request_id(&body), host.as_str(), e),
                 Ok(req) => {
                     tracing::debug!(verb, id = %req.request_id(), "request");
                     sup.request(req, host.as_str()).await

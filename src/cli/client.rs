@@ -104,7 +104,7 @@ impl Client {
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                 return Err(ApiError::NoController { url });
             }
-            Ok(Err(e)) => return Err(ApiError::Failed { url, source: e }),
+            Ok(Err(e)) => return Err(ApiError::Failed { url, error: e }),
             Ok(Ok(m)) => m,
         };
         serde_json::from_slice::<Reply>(&msg.payload).map_err(ApiError::Unreadable)
@@ -137,12 +137,12 @@ pub enum ApiError {
         url: String,
     },
     /// The request itself failed.
-    #[error("the request to the controller on {url} failed: {source}")]
+    #[error("the request to the controller on {url} failed: {error}")]
     Failed {
         /// The NATS URL in use.
         url: String,
         /// What NATS said.
-        source: async_nats::RequestError,
+        error: async_nats::RequestError,
     },
     /// The reply is not one this CLI can read.
     #[error("the controller's reply cannot be read (a different version?): {0}")]

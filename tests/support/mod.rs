@@ -296,15 +296,13 @@ pub fn start(spec: AppSpec) -> Request {
     .into()
 }
 
-/// A targeted request (`stop`, `restart`, `delete`, `list`).
+/// A targeted request (`stop`, `restart`, `reload`, `delete`, `list`).
 pub fn targeted(verb: &str, target: &str) -> Request {
     let r = TargetRequest::new(Target::parse(target).unwrap());
-    match verb {
-        "stop" => Request::Stop(r),
-        "restart" => Request::Restart(r),
-        "delete" => Request::Delete(r),
-        "list" => Request::List(r),
-        other => panic!("not a targeted verb: {other}"),
+    match flotilla::protocol::TargetVerb::from_verb(verb) {
+        Some(v) => v.request(r),
+        None if verb == "list" => Request::List(r),
+        None => panic!("not a targeted verb: {verb}"),
     }
 }
 

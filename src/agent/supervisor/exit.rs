@@ -266,7 +266,13 @@ impl Supervisor {
                 match launching {
                     Some(p) => p.online_waiters.extend(reloads),
                     None if running => self.settle_online(pm_id, reloads),
-                    None => self.settle(pm_id, reloads, word(Settle::Reloaded)),
+                    None => {
+                        // Restarts wait for online too: each op gets its own word.
+                        for op in reloads {
+                            let settle = self.ops.get(&op).map_or(Settle::Reloaded, |o| o.settle);
+                            self.settle(pm_id, vec![op], word(settle));
+                        }
+                    }
                 }
             }
             AfterStop::Delete => {

@@ -35,8 +35,12 @@ pub(super) fn select(
     }
     let (mut have, mut absent) = (vec![], vec![]);
     for &id in pm_ids {
-        match table.iter().find(|m| m.pm_id == id) {
-            Some(m) if target.matches(m) => have.push(id),
+        // The table is in pm_id order: a lookup, not a scan, per named id.
+        match table
+            .binary_search_by_key(&id, |m| m.pm_id)
+            .map(|i| table[i])
+        {
+            Ok(m) if target.matches(m) => have.push(id),
             _ => absent.push(id),
         }
     }

@@ -102,15 +102,17 @@ impl Supervisor {
             .iter()
             .filter_map(|c| self.info(c.pm_id))
             .collect();
-        let failed: Vec<String> = op
-            .changes
-            .iter()
-            .filter(|c| c.what.is_failure())
-            .map(|c| c.pm_id.to_string())
-            .collect();
+        let failed: Vec<&Change> = op.changes.iter().filter(|c| c.what.is_failure()).collect();
         if !failed.is_empty() {
+            let ids: Vec<String> = failed.iter().map(|c| c.pm_id.to_string()).collect();
+            let mut whys: Vec<String> = failed.iter().map(|c| c.to_string()).collect();
+            whys.dedup();
             reply.error = Some(spawn_failed(
-                &format!("pm_id {} could not be started again", failed.join(", ")),
+                &format!(
+                    "pm_id {} could not be started again ({})",
+                    ids.join(", "),
+                    whys.join("; ")
+                ),
                 self.host(),
             ));
         }

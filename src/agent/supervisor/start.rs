@@ -261,8 +261,9 @@ impl Supervisor {
         wtx: &mpsc::Sender<WorkerEvent>,
     ) -> Result<(), ControlError> {
         let app_id = spec.app_id.unwrap_or_else(Uuid::new_v4);
-        if !self.log_dir_made {
-            // It failed when the supervisor started: once more, for the precise error.
+        if !self.log_dir_made || !self.cfg.log_dir.is_dir() {
+            // It failed when the supervisor started, or someone removed it since: made again
+            // (one stat per start), or the precise error.
             std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| {
                 ControlError::new(
                     ErrorKind::SpawnFailed,
