@@ -209,27 +209,30 @@ impl AppSpec {
     pub fn validate(&self) -> Result<(), ControlError> {
         names::validate(NameKind::Namespace, &self.namespace)?;
         names::validate(NameKind::App, &self.name)?;
+        // Every other error names the app: an ecosystem file has several.
+        let app = |e: ControlError| {
+            ControlError::new(e.kind, format!("app '{}': {}", self.name, e.message))
+        };
         let n = self.instances.unwrap_or(1);
         if n == 0 || n > MAX_INSTANCES {
-            return Err(ControlError::new(
+            return Err(app(ControlError::new(
                 ErrorKind::InvalidValue,
                 format!(
-                    "{}: instances must be between 1 and {MAX_INSTANCES}, not {n} (the CLI turns 0 and 'max' into the CPU count)",
-                    self.name
+                    "instances must be between 1 and {MAX_INSTANCES}, not {n} (the CLI turns 0 and 'max' into the CPU count)"
                 ),
-            ));
+            )));
         }
         super::signals::parse(&self.kill_signal).map_err(|e| {
-            ControlError::new(
+            app(ControlError::new(
                 ErrorKind::InvalidValue,
                 format!("kill_signal: {}", e.message),
-            )
+            ))
         })?;
         if let Some(c) = &self.cron_restart {
-            super::schedule::CronRestart::parse(c)?;
+            super::schedule::CronRestart::parse(c).map_err(app)?;
         }
         for a in &self.listen {
-            super::listen::ListenAddr::parse(a)?;
+            super::listen::ListenAddr::parse(a).map_err(app)?;
         }
         Ok(())
     }
@@ -287,7 +290,7 @@ mod tests {
             s.validate()
                 .unwrap_err()
                 .message
-                .starts_with("kill_signal:")
+                .starts_with("app 'api': kill_signal:")
         );
         let mut s = ok.clone();
         s.cron_restart = Some("every day".into());

@@ -43,7 +43,13 @@ pub async fn start(settings: &Settings, a: &StartArgs) -> anyhow::Result<()> {
         vec![spec::script_spec(a, vars, &here)?]
     };
     let plan = StartPlan::new(a, apps, labels, from_ecosystem);
-    plan.validate()?;
+    if let Err(mut e) = plan.validate() {
+        if from_ecosystem {
+            // Which file, and (in the message) which app.
+            e.message = format!("{}: {}", a.script, e.message);
+        }
+        return Err(e.into());
+    }
     let client = Client::connect(settings).await?;
     if client.local {
         for spec in &plan.apps {
