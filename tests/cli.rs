@@ -5,6 +5,7 @@
 mod support;
 
 use serde_json::Value;
+use std::time::Duration;
 use support::*;
 
 fn by_status<'a>(procs: &'a [Value], status: &str) -> Vec<&'a Value> {
@@ -39,6 +40,87 @@ fn redact(s: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `cmd`'s exit status and output, like `Command::output` but under a deadline: past `within`
+/// the command is killed (`kill_on_drop`) and the test fails naming it. Unlike
+/// `Command::output` it leaves `cmd`'s stdout and stderr as set: pipe them to capture them.
+async fn output_within(cmd: std::process::Command, within: Duration) -> std::process::Output {
+    let what = format!("{cmd:?}");
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish in {within:?}: killed"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// [`output_within`] for code that cannot await (a `Drop`, a plain function called from a
+/// test's runtime): on a thread of its own with a runtime of its own. `Err` holds the panic.
+fn output_within_blocking(
+    cmd: std::process::Command,
+    within: Duration,
+) -> std::thread::Result<std::process::Output> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(output_within(cmd, within))
+    })
+    .join()
+}
+
+/// True while `pid` runs: a zombie (exited, not yet reaped, as the in-process agent's workers
+/// are for a moment) has exited and counts as gone, unlike with `support::pid_alive`.
+fn pid_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')', since comm may hold one.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X' | 'x'))
+        ),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn pid_running_counts_a_zombie_as_exited() {
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "read _"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    assert!(pid_running(pid), "a live child runs");
+    // Let it exit, and wait for that on a pidfd without reaping it: it is now a zombie.
+    drop(child.stdin.take());
+    // SAFETY: pidfd_open takes a pid and flags; the child is not reaped, so the pid is its.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: the syscall just returned this descriptor to us.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let mut poll = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call; fd stays open until the end of the test.
+    let n = unsafe { libc::poll(&mut poll, 1, 15_000) };
+    assert_eq!(
+        n,
+        1,
+        "the child exits within 15 s ({})",
+        std::io::Error::last_os_error()
+    );
+    assert!(pid_alive(pid), "the zombie is still there to be seen");
+    assert!(!pid_running(pid), "a zombie counts as exited");
+    child.wait().unwrap();
+    assert!(!pid_running(pid), "a reaped child is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +454,16 @@ impl Drop for StackGuard {
         for k in flotilla_vars() {
             kill.env_remove(k);
         }
-        let _ = kill.env("FLOTILLA_HOME", &self.0).arg("kill").output();
+        kill.env("FLOTILLA_HOME", &self.0)
+            .arg("kill")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // Under a deadline; a hang fails the test, unless it is failing already.
+        if let Err(hung) = output_within_blocking(kill, Duration::from_secs(60))
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(hung);
+        }
     }
 }
 
@@ -898,35 +989,97 @@ async fn start_ok(fleet: &Fleet, script: &std::path::Path, name: &str, extra: &[
     assert!(ok, "{err}");
 }
 
-/// A client asking over HTTP in a loop until told to stop: (answered, failures).
-fn hammer(
-    port: u16,
-) -> (
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tokio::task::JoinHandle<(u32, Vec<String>)>,
-) {
+/// One request of a [`hammer`]: when it started, and what came of it (`Ok` = `200 OK`).
+type Asked = (std::time::Instant, Result<(), String>);
+
+/// A client asking over HTTP in a loop, one request at a time, until told to stop.
+struct Hammer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Fires once the first request has been answered: the client is asking.
+    first: tokio::sync::oneshot::Receiver<()>,
+    task: tokio::task::JoinHandle<Vec<Asked>>,
+}
+
+fn hammer(port: u16) -> Hammer {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (first_tx, first) = tokio::sync::oneshot::channel();
     let task = tokio::spawn({
         let stop = stop.clone();
         async move {
-            let (mut ok, mut failed) = (0u32, vec![]);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 100_000 {
-                match tokio::time::timeout(WAIT, try_http(port)).await {
-                    Ok(Ok(body)) if body.contains("200 OK") => ok += 1,
-                    other => failed.push(format!("{other:?}")),
+            let mut first_tx = Some(first_tx);
+            let mut asked: Vec<Asked> = vec![];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && asked.len() < 100_000 {
+                let at = std::time::Instant::now();
+                let got = match tokio::time::timeout(WAIT, try_http(port)).await {
+                    Ok(Ok(body)) if body.contains("200 OK") => Ok(()),
+                    other => Err(format!("{other:?}")),
+                };
+                if got.is_ok()
+                    && let Some(tx) = first_tx.take()
+                {
+                    let _ = tx.send(());
                 }
+                asked.push((at, got));
             }
-            (ok, failed)
+            asked
         }
     });
-    (stop, task)
+    Hammer { stop, first, task }
+}
+
+/// Requests that must have started while `flotilla reload` ran, for the run to show that
+/// the reload was under load at all.
+const MIN_DURING_RELOAD: usize = 5;
+
+/// Reloads `name` while a client asks `port` in a loop, then checks that every request was
+/// answered (none refused, none reset), and that the client really was asking during the
+/// reload: at least [`MIN_DURING_RELOAD`] requests started between the moment `flotilla
+/// reload` was launched and the moment it returned. `what` prefixes the failure messages.
+async fn reload_under_load(fleet: &Fleet, port: u16, name: &str, what: &str) {
+    let Hammer { stop, first, task } = hammer(port);
+    tokio::time::timeout(WAIT, first)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no request answered before the reload"))
+        .unwrap_or_else(|_| panic!("{what}: the client ended before its first answer"));
+    let began = std::time::Instant::now();
+    let (ok, _, err) = fleet.cli(&["reload", name]).await;
+    let ended = std::time::Instant::now();
+    assert!(ok, "{what}: {err}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let asked = task.await.unwrap();
+    let failed: Vec<&String> = asked.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let during: Vec<&Asked> = asked
+        .iter()
+        .filter(|(at, _)| (began..=ended).contains(at))
+        .collect();
+    let during_failed = during.iter().filter(|(_, r)| r.is_err()).count();
+    eprintln!(
+        "{what}: {} requests, {} started during the reload ({:?})",
+        asked.len(),
+        during.len(),
+        ended - began
+    );
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} requests failed ({during_failed} of {} during the reload), e.g. {:?}",
+        failed.len(),
+        asked.len(),
+        during.len(),
+        failed.first()
+    );
+    assert!(
+        during.len() >= MIN_DURING_RELOAD,
+        "{what}: only {} of {} requests started during the reload ({:?}); it was not under load",
+        during.len(),
+        asked.len(),
+        ended - began
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_refuses_no_connection() {
     let fleet = Fleet::start(&["web-1"]).await;
     let port = free_port();
-    let env = format!("PORT={port}");
     let script = fixture("cluster_server.js");
     for (name, n) in [("one", "1"), ("two", "2")] {
         let port = if name == "one" { port } else { free_port() };
@@ -946,20 +1099,8 @@ async fn reload_refuses_no_connection() {
             .await;
         assert!(ok, "{err}");
         // A client asks in a loop while the app reloads; every request must be answered.
-        let (stop, hammer) = hammer(port);
-        let (ok, _, err) = fleet.cli(&["reload", name]).await;
-        assert!(ok, "{err}");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (answered, failed) = hammer.await.unwrap();
-        assert!(
-            failed.is_empty(),
-            "{name}: {} failed, e.g. {:?}",
-            failed.len(),
-            failed.first()
-        );
-        assert!(answered > 0, "{name}: some requests were made");
+        reload_under_load(&fleet, port, name, name).await;
     }
-    let _ = env;
     fleet.stop().await;
 }
 
@@ -1069,7 +1210,7 @@ async fn a_reloaded_cluster_worker_replaces_the_old_one_once_it_listens() {
     })
     .await;
     assert!(
-        pid_alive(old_pid),
+        pid_running(old_pid),
         "the old run was stopped before the new one listened"
     );
     // The old run still serves, and its log line carries its own pid, not the new run's.
@@ -1173,10 +1314,12 @@ fn node_binaries() -> Vec<(String, String)> {
     }
     let mut out: Vec<(String, String)> = vec![];
     for p in paths {
-        let v = std::process::Command::new(&p)
+        let mut version = std::process::Command::new(&p);
+        version
             .arg("--version")
-            .output()
-            .unwrap_or_else(|e| panic!("{p} --version: {e}"));
+            .stdout(std::process::Stdio::piped());
+        let v =
+            output_within_blocking(version, WAIT).unwrap_or_else(|e| std::panic::resume_unwind(e));
         let v = String::from_utf8_lossy(&v.stdout).trim().to_string();
         if !out.iter().any(|(seen, _)| *seen == v) {
             out.push((v, p));
@@ -1237,17 +1380,7 @@ async fn cluster_mode_works_on_every_node_major_here() {
             assert!(body.ends_with(version.as_str()), "Node {version}: {got}");
         }
         // Reload under load: nothing refused, nothing reset.
-        let (stop, load) = hammer(port);
-        let (ok, _, err) = fleet.cli(&["reload", &name]).await;
-        assert!(ok, "Node {version}: {err}");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (answered, failed) = load.await.unwrap();
-        assert!(
-            failed.is_empty() && answered > 0,
-            "Node {version}: {answered} answered, {} failed, e.g. {:?}",
-            failed.len(),
-            failed.first()
-        );
+        reload_under_load(&fleet, port, &name, &format!("Node {version}")).await;
         // Stopped the way Node's primary stops them: they close their servers and exit 0.
         let client = fleet.nats.client().await;
         let mut events = Watch::new(&client, &format!("pm.default.{name}.process:event")).await;
@@ -1343,13 +1476,11 @@ async fn a_verb_piped_into_a_closed_pipe_ends_quietly() {
     for k in flotilla_vars() {
         cmd.env_remove(k);
     }
-    let out = cmd
-        .env("FLOTILLA_HOME", fleet.cli_home.path())
+    cmd.env("FLOTILLA_HOME", fleet.cli_home.path())
         .args(["--nats-url", &fleet.nats.url(), "ls"])
         .stdout(std::process::Stdio::from(write))
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .unwrap();
+        .stderr(std::process::Stdio::piped());
+    let out = output_within(cmd, Duration::from_secs(120)).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
