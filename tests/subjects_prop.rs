@@ -243,7 +243,7 @@ fn any_type_any_data_gives_the_right_valid_subject() {
     let strategy = (
         valid_namespace(),
         valid_name(),
-        proptest::option::of(hostile_type()),
+        proptest::option::weighted(0.9, hostile_type()),
         hostile_data(),
         proptest::option::of(any::<String>()),
     );
@@ -256,11 +256,13 @@ fn any_type_any_data_gives_the_right_valid_subject() {
             Ok(())
         })
         .unwrap();
-    // Each branch is drawn with probability well over 10% (valid type 3/8 x present 1/2 x
-    // truthy data about 3/4 for typed), so these bounds hold for any seed in practice.
+    // Typed needs a type (9/10), a valid one (3/8) and truthy data (5/8 drawn from any JSON
+    // value, most of them truthy): about 1 case in 5, some 400 of 2,000, and raw the rest. A
+    // bound of 1 in 20 is many standard deviations below either, so no seed fails it by chance.
     let (typed, raw) = (typed.get(), raw.get());
-    assert!(typed >= CASES / 10, "typed branch taken {typed} times");
-    assert!(raw >= CASES / 10, "raw branch taken {raw} times");
+    eprintln!("typed {typed}, raw {raw} of {CASES}");
+    assert!(typed >= CASES / 20, "typed branch taken {typed} times");
+    assert!(raw >= CASES / 20, "raw branch taken {raw} times");
 }
 
 proptest! {
