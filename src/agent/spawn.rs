@@ -403,11 +403,11 @@ mod tests {
         spec.instances = Some(4);
         assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Fork);
         spec.interpreter = Some("node".into());
-        if crate::which::which("node", None).is_some() {
-            assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Cluster);
-            spec.instances = None;
-            assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Fork);
-        }
+        crate::which::which("node", None)
+            .expect("node is on PATH: scripts/test installs it (scripts/deps)");
+        assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Cluster);
+        spec.instances = None;
+        assert_eq!(resolve(&spec, "h").unwrap().exec_mode, ExecMode::Fork);
     }
 
     #[test]
@@ -418,6 +418,21 @@ mod tests {
         let mut spec = AppSpec::new("api", &script);
         spec.env.insert("PORT".into(), "3000".into());
         let launch = resolve(&spec, "h").unwrap();
+        // The agent's own environment holds a Flotilla setting (as a real agent's may, with a
+        // secret in it) and an ordinary variable that merely contains the word. `environment`
+        // reads the process environment itself, so they are set on this process, under names
+        // no other test uses, and removed once it has been read.
+        const SECRET: &str = "FLOTILLA_SPAWN_TEST_SECRET";
+        const KEPT: &str = "SPAWN_TEST_NOT_FLOTILLA_SPAWN_TEST";
+        // SAFETY: std serialises these writes with its own environment reads (env::var, and
+        // Command::spawn's copy of the environment) under one lock. The unit tests running
+        // alongside read the environment only through std (they bind sockets by address and
+        // spawn through Command, no name lookups in C code), and no other test sets or reads
+        // these two names.
+        unsafe {
+            std::env::set_var(SECRET, "s3cret");
+            std::env::set_var(KEPT, "kept");
+        }
         let env = environment(
             &spec,
             &launch,
@@ -429,6 +444,11 @@ mod tests {
                 instances: 4,
             },
         );
+        // SAFETY: as above.
+        unsafe {
+            std::env::remove_var(SECRET);
+            std::env::remove_var(KEPT);
+        }
         let get = |k: &str| {
             env.iter()
                 .find(|(a, _)| a == k)
@@ -439,6 +459,12 @@ mod tests {
         assert_eq!(get("PM_INSTANCE").as_deref(), Some("2"));
         assert_eq!(get("NODE_CHANNEL_FD").as_deref(), Some("3"));
         assert_eq!(get("PORT").as_deref(), Some("3000"));
+        assert_eq!(
+            get(KEPT).as_deref(),
+            Some("kept"),
+            "the agent's environment is passed on"
+        );
+        assert_eq!(get(SECRET), None);
         assert!(
             env.iter()
                 .all(|(k, _)| !k.to_string_lossy().starts_with("FLOTILLA_"))

@@ -642,10 +642,14 @@ mod tests {
     #[test]
     fn the_example_files_load() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        let mut names = vec!["ecosystem.toml", "ecosystem.yaml", "ecosystem.json"];
-        if crate::which::which("node", None).is_some() {
-            names.push("ecosystem.config.js");
-        }
+        crate::which::which("node", None)
+            .expect("node is on PATH (ecosystem.config.js is run by it): scripts/test installs it (scripts/deps)");
+        let names = [
+            "ecosystem.toml",
+            "ecosystem.yaml",
+            "ecosystem.json",
+            "ecosystem.config.js",
+        ];
         let mut seen = vec![];
         for n in names {
             let e =
