@@ -11,6 +11,7 @@ use flotilla::protocol::api::ApiStartRequest;
 use flotilla::protocol::reply::Reply;
 use flotilla::protocol::state::{AppRecord, Assignment};
 use flotilla::protocol::{AppSpec, Status};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
@@ -299,4 +300,312 @@ async fn a_start_one_agent_refuses_is_undone_on_every_host() {
     b.stop().await;
     a.stop().await.unwrap();
     ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_was_away_converges_when_it_returns() {
+    let mut fleet = Fleet::start(&["h1", "h2"]).await;
+    let client = fleet.nats.client().await;
+    let mut events = Watch::new(&client, "pm.default.away.process:event").await;
+    let script = fixture("chatty.js");
+    let (ok, _, err) = fleet
+        .cli(&[
+            "start",
+            script.to_str().unwrap(),
+            "-i",
+            "2",
+            "--host",
+            "h2",
+            "--name",
+            "away",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    let (_, asg) = desired(&client, "away", &["h2"]).await;
+    let both = assigned(asg.get("h2"), "away");
+    assert_eq!(both.len(), 2, "{asg:?}");
+    events.all_online(&both).await;
+
+    // h2 goes away (a clean stop: its workers stop with it); its home keeps the local copy of
+    // its assignment (both instances), which it starts from when it comes back.
+    let h2 = fleet.agents.pop().unwrap();
+    assert_eq!(h2.host, "h2");
+    let (res, home) = h2.stop_keep_home().await;
+    res.unwrap();
+    let (ok, _, err) = fleet.cli(&["scale", "away", "1"]).await;
+    assert!(!ok);
+    assert!(err.contains("h2") && err.contains("converges"), "{err}");
+    let (_, asg) = desired(&client, "away", &["h2"]).await;
+    let kept = assigned(asg.get("h2"), "away");
+    assert_eq!(kept.len(), 1, "{asg:?}");
+
+    // h2 comes back with the same id and home: once it is online, each event of its
+    // processes is a moment to look at its table, until the table is the desired state.
+    let mut host_events = Watch::new(&client, "pm._fleet.h2.host:event").await;
+    let back = TestAgent::spawn_in(home, &fleet.nats.url(), "h2", |_| {});
+    let m = host_events.next_raw().await;
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["event"], "online", "{v}");
+    let want = vec![(kept[0], Status::Online)];
+    let mut last = vec![];
+    let converged = tokio::time::timeout(WAIT, async {
+        loop {
+            last = table(&client, "h2").await;
+            if last == want {
+                return;
+            }
+            events
+                .until("an event of h2's processes", |s| s.env.process.host == "h2")
+                .await;
+        }
+    })
+    .await;
+    assert!(
+        converged.is_ok(),
+        "h2 converged to {want:?} in time; its table: {last:?}"
+    );
+    fleet.agents.push(back);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawn_that_fails_emits_spawn_error_with_its_reason() {
+    let nats = NatsServer::start();
+    let agent = TestAgent::start(&nats, "web-1").await;
+    let client = nats.client().await;
+
+    // The address is held by the test: the agent cannot bind it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let mut events = Watch::new(&client, "pm.default.taken.process:event").await;
+    let mut spec = AppSpec::new("taken", fixture("listen.js"));
+    spec.listen = vec![format!("tcp://{addr}")];
+    let r = request(&client, "web-1", start(spec)).await;
+    assert!(r.error.is_some(), "the start says it failed: {r:?}");
+    let seen = events
+        .until("spawn:error of taken", |s| {
+            event_name(s) == Some("spawn:error")
+        })
+        .await;
+    assert_eq!(seen.env.process.status, Status::Errored);
+    let reason = seen.env.event.unwrap().reason.expect("a reason");
+    assert!(
+        reason.contains(&addr) && reason.contains("web-1") && reason.contains("another process"),
+        "{reason}"
+    );
+
+    drop(held);
+    agent.stop().await.unwrap();
+}
+
+/// `ls --json` through the binary: (name, host) of every process.
+async fn placed(home: &Path, url: &str) -> Vec<(String, String)> {
+    let (_, out, err) = run_cli(home, &["--nats-url", url, "ls", "--json"]).await;
+    let procs: Vec<Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ls --json: {e}: {out} {err}"));
+    procs
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["host"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn hosts_of(all: &[(String, String)], name: &str) -> Vec<String> {
+    all.iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, h)| h.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_label_place_through_the_binary_and_a_gone_host_is_not_chosen() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut beats = Watch::new(&client, "pm._fleet.*.host:heartbeat").await;
+    let ctl = Controller::start(&nats).await;
+    let zone = |z: &str| -> BTreeMap<String, String> { [("zone".into(), z.into())].into() };
+    let (za, zb) = (zone("a"), zone("b"));
+    let a = TestAgent::start_with(&nats, "node-a", |s| s.labels = za).await;
+    let b = TestAgent::start_with(&nats, "node-b", |s| s.labels = zb).await;
+    heard(&mut beats, &["node-a", "node-b"]).await;
+    let home = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let cli = async |args: &[&str]| {
+        let mut all = vec!["--nats-url", url.as_str()];
+        all.extend_from_slice(args);
+        run_cli(home.path(), &all).await
+    };
+    let script = fixture("chatty.js");
+    let script = script.to_str().unwrap();
+
+    let (ok, _, err) = cli(&[
+        "start", script, "-i", "2", "--name", "on-a", "--host", "node-a",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&[
+        "start", script, "-i", "2", "--name", "on-b", "--label", "zone=b",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let all = placed(home.path(), &url).await;
+    assert_eq!(hosts_of(&all, "on-a"), ["node-a", "node-a"], "{all:?}");
+    assert_eq!(hosts_of(&all, "on-b"), ["node-b", "node-b"], "{all:?}");
+
+    let (ok, out, err) = cli(&["start", script, "--name", "nowhere", "--label", "zone=c"]).await;
+    assert!(!ok, "{out}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no live host fits") && err.contains("zone=c"),
+        "{err}"
+    );
+
+    // node-b stops cleanly and says `offline`: it is not placed on any more.
+    let (ok, _, err) = cli(&["delete", "on-b"]).await;
+    assert!(ok, "{err}");
+    let mut host_events = Watch::new(&client, "pm._fleet.node-b.host:event").await;
+    b.stop().await.unwrap();
+    let m = host_events.next_raw().await;
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["event"], "offline", "{v}");
+    let (ok, _, err) = cli(&["start", script, "-i", "2", "--name", "after"]).await;
+    assert!(ok, "{err}");
+    let all = placed(home.path(), &url).await;
+    assert_eq!(hosts_of(&all, "after"), ["node-a", "node-a"], "{all:?}");
+    let (ok, _, err) = cli(&["start", script, "--name", "pinned", "--host", "node-b"]).await;
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("node-b") && err.contains("not live"), "{err}");
+    let (ok, _, err) = cli(&["start", script, "--name", "labelled", "--label", "zone=b"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("no live host fits") && err.contains("zone=b"),
+        "{err}"
+    );
+    a.stop().await.unwrap();
+    ctl.stop().await;
+}
+
+/// Runs the binary with `env` set (and no other FLOTILLA_* variable), bounded.
+async fn flotilla_with(env: &[(&str, &Path)], args: &[&str]) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    for k in flotilla_vars() {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env("NO_COLOR", "1")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("flotilla {args:?} did not finish in 120 s"))
+        .expect("the flotilla binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_and_flotilla_config_are_honoured_by_the_binary() {
+    let fleet = Fleet::start(&["web-1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // HOME is a temp dir too: a binary that ignored the file would find no ~/.flotilla of the
+    // machine's.
+    let user_home = dir.path().join("user");
+    std::fs::create_dir(&user_home).unwrap();
+    let file_home = dir.path().join("from-file");
+    let cfg = dir.path().join("fleet.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "home = \"{}\"\n[nats]\nurl = \"{}\"\n",
+            file_home.display(),
+            fleet.nats.url()
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let script = fixture("chatty.js");
+
+    // --config F: the NATS URL and home come from the file; a start reaches this fleet.
+    let env = [("HOME", user_home.as_path())];
+    let (ok, out, err) = flotilla_with(&env, &["--config", cfg_s, "info", "--json"]).await;
+    assert!(ok, "{err}");
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["nats_url"], fleet.nats.url().as_str(), "{info}");
+    assert_eq!(info["home"], file_home.to_str().unwrap(), "{info}");
+    assert_eq!(info["controllers"].as_array().unwrap().len(), 1, "{info}");
+    let (ok, _, err) = flotilla_with(
+        &env,
+        &[
+            "--config",
+            cfg_s,
+            "start",
+            script.to_str().unwrap(),
+            "--name",
+            "by-file",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+
+    // FLOTILLA_CONFIG=F: the same.
+    let env = [
+        ("HOME", user_home.as_path()),
+        ("FLOTILLA_CONFIG", cfg.as_path()),
+    ];
+    let (ok, out, err) = flotilla_with(&env, &["info", "--json"]).await;
+    assert!(ok, "{err}");
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["nats_url"], fleet.nats.url().as_str(), "{info}");
+    assert_eq!(info["home"], file_home.to_str().unwrap(), "{info}");
+    let (ok, out, err) = flotilla_with(&env, &["ls", "--json"]).await;
+    assert!(ok, "{err}");
+    let procs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    assert_eq!(procs[0]["name"], "by-file");
+    assert!(fleet.ls().await.iter().any(|p| p["name"] == "by-file"));
+
+    // A broken file: one line naming the file and the key, non-zero exit, either way.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "heartbeat_interval = \"banana\"\n").unwrap();
+    let bad_s = bad.to_str().unwrap();
+    let env = [("HOME", user_home.as_path())];
+    let (ok, _, err) = flotilla_with(&env, &["--config", bad_s, "info", "--json"]).await;
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(bad_s) && err.contains("heartbeat_interval"),
+        "{err}"
+    );
+    let env = [
+        ("HOME", user_home.as_path()),
+        ("FLOTILLA_CONFIG", bad.as_path()),
+    ];
+    let (ok, _, err) = flotilla_with(&env, &["info", "--json"]).await;
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(bad_s) && err.contains("heartbeat_interval"),
+        "{err}"
+    );
+    // A file that is not there is named too.
+    let env = [("HOME", user_home.as_path())];
+    let missing = dir.path().join("missing.toml");
+    let (ok, _, err) = flotilla_with(&env, &["--config", missing.to_str().unwrap(), "ls"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains(missing.to_str().unwrap()) && err.contains("no such file"),
+        "{err}"
+    );
+    fleet.stop().await;
 }
