@@ -28,10 +28,15 @@ struct Controller {
 
 impl Controller {
     async fn start(nats: &NatsServer) -> Controller {
+        Self::start_with(nats, |_| {}).await
+    }
+
+    async fn start_with(nats: &NatsServer, f: impl FnOnce(&mut Settings)) -> Controller {
         let (tx, rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let mut s = Settings::default();
         s.nats.url = Some(nats.url());
+        f(&mut s);
         let task = tokio::spawn(flotilla::controller::run_ready(
             s,
             async move {
@@ -486,6 +491,84 @@ async fn host_and_label_place_through_the_binary_and_a_gone_host_is_not_chosen()
         err.contains("no live host fits") && err.contains("zone=b"),
         "{err}"
     );
+    a.stop().await.unwrap();
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_heartbeats_stopped_is_lost_and_not_chosen() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut beats = Watch::new(&client, "pm._fleet.*.host:heartbeat").await;
+    // Lost after 2 s without a heartbeat (agents beat every 200 ms here).
+    let ctl = Controller::start_with(&nats, |s| s.host_lost_after = Duration::from_secs(2)).await;
+    let a = TestAgent::start(&nats, "node-a").await;
+    let cwd = tempfile::tempdir().unwrap();
+    let mut c = BinAgent::spawn(&nats.url(), "node-c", cwd.path());
+    heard(&mut beats, &["node-a", "node-c"]).await;
+    // node-c dies without a word (no `offline`): only its silence tells.
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    // Each heartbeat of node-a is a moment to ask the controller how it sees node-c.
+    let mut seen = vec![];
+    let lost = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            beats.next_raw().await;
+            let m =
+                tokio::time::timeout(WAIT, client.request("pmctl.controllers.info", "{}".into()))
+                    .await
+                    .expect("the controller answers info")
+                    .unwrap();
+            let r: Reply = serde_json::from_slice(&m.payload).unwrap();
+            seen = r
+                .hosts
+                .iter()
+                .map(|h| (h.host.clone(), h.state.clone()))
+                .collect();
+            if seen.contains(&("node-c".into(), "lost".into())) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(lost.is_ok(), "node-c is lost within 10 s: {seen:?}");
+    let home = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let script = fixture("chatty.js");
+    let script = script.to_str().unwrap();
+    let (ok, _, err) = run_cli(
+        home.path(),
+        &[
+            "--nats-url",
+            &url,
+            "start",
+            script,
+            "-i",
+            "2",
+            "--name",
+            "spread",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let all = placed(home.path(), &url).await;
+    assert_eq!(hosts_of(&all, "spread"), ["node-a", "node-a"], "{all:?}");
+    let (ok, _, err) = run_cli(
+        home.path(),
+        &[
+            "--nats-url",
+            &url,
+            "start",
+            script,
+            "--name",
+            "pinned",
+            "--host",
+            "node-c",
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("node-c") && err.contains("not live"), "{err}");
     a.stop().await.unwrap();
     ctl.stop().await;
 }
