@@ -1,6 +1,7 @@
 //! Fleet behaviour end to end: a start one agent refuses is undone on every host, an agent that
 //! was away converges when it returns, `spawn:error` reaches the bus, `--host`/`--label`
-//! placement through the binary, and `--config`/`FLOTILLA_CONFIG` through the binary. Real
+//! placement through the binary, hosts gone (`offline`) or lost (silent) are not placed on, and
+//! `--config`/`FLOTILLA_CONFIG` through the binary. Real
 //! nats-server, real agents and workers; every wait is on an event under a deadline.
 
 mod support;
@@ -477,6 +478,8 @@ async fn host_and_label_place_through_the_binary_and_a_gone_host_is_not_chosen()
     let m = host_events.next_raw().await;
     let v: Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(v["event"], "offline", "{v}");
+    // The controller got the same `offline` on its connection before the CLI's request that
+    // follows (the server delivers to one connection in order), and records it on arrival.
     let (ok, _, err) = cli(&["start", script, "-i", "2", "--name", "after"]).await;
     assert!(ok, "{err}");
     let all = placed(home.path(), &url).await;
