@@ -126,6 +126,15 @@ impl Drop for NatsServer {
     }
 }
 
+/// Runs `fut` under one overall deadline (`WAIT`), panicking with what was awaited. For loops
+/// that skip messages which keep coming (heartbeats): a per-message deadline alone would let
+/// them run forever on a bug.
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out ({WAIT:?}) waiting for {what}"))
+}
+
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -500,10 +509,13 @@ impl Fleet {
         }
         // A second heartbeat from each host: the controller has taken the first by then.
         let mut count: std::collections::BTreeMap<String, u32> = Default::default();
-        while count.values().filter(|&&n| n >= 2).count() < hosts.len() {
-            let m = beats.next_raw().await;
-            *count.entry(m.subject.to_string()).or_default() += 1;
-        }
+        within(&format!("two heartbeats from each of {hosts:?}"), async {
+            while count.values().filter(|&&n| n >= 2).count() < hosts.len() {
+                let m = beats.next_raw().await;
+                *count.entry(m.subject.to_string()).or_default() += 1;
+            }
+        })
+        .await;
         Fleet {
             nats,
             agents,
