@@ -20,6 +20,10 @@ use uuid::Uuid;
 
 const HOST: &str = "stack-test";
 
+/// Deadline for one run of the binary (a `kill` waits for workers' kill_timeout, a `daemon`
+/// for nats-server to start).
+const CLI_WITHIN: Duration = Duration::from_secs(60);
+
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_flotilla"))
 }
@@ -60,9 +64,9 @@ impl Home {
         }
     }
 
-    /// `flotilla <args>` with this home and no NATS URL from the environment.
+    /// `flotilla <args>` with this home and no NATS URL from the environment, bounded.
     fn flotilla(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run flotilla")
+        support::output_or_panic(&mut self.command(args), CLI_WITHIN)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -88,7 +92,10 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
-        let _ = self.flotilla(&["kill"]);
+        // Bounded and never panicking (a panic while a failed test unwinds would abort).
+        if let Err(e) = support::output_within(&mut self.command(&["kill"]), CLI_WITHIN) {
+            eprintln!("cleaning up {}: {e}", self.dir.path().display());
+        }
     }
 }
 
@@ -175,10 +182,7 @@ fn racing_ensures_start_exactly_one_stack_that_answers() {
     assert_eq!(starters, 1, "exactly one CLI started it: {results:?}");
     assert_eq!(info.home, home.path());
     assert!(info.url.starts_with("nats://127.0.0.1:"), "{}", info.url);
-    let v = Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .unwrap();
+    let v = support::output_or_panic(Command::new("nats-server").arg("--version"), CLI_WITHIN);
     let pre_2_10 = text(&v.stdout).contains(" v2.9.") || text(&v.stdout).contains(" v2.8.");
     assert_eq!(
         info.sync_always, !pre_2_10,
@@ -333,11 +337,10 @@ async fn desired_state_survives_kill_and_a_new_start() {
 fn without_nats_server_the_daemon_says_how_to_get_it() {
     let home = Home::new();
     let empty = tempfile::tempdir().unwrap();
-    let out = home
-        .command(&["daemon"])
-        .env("PATH", empty.path())
-        .output()
-        .unwrap();
+    let out = support::output_or_panic(
+        home.command(&["daemon"]).env("PATH", empty.path()),
+        CLI_WITHIN,
+    );
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
@@ -358,10 +361,10 @@ fn kill_in_a_fleet_refuses_and_points_to_stop_all() {
     let url = "nats://127.0.0.1:4999";
     for out in [
         home.flotilla(&["--nats-url", url, "kill"]),
-        home.command(&["kill"])
-            .env("FLOTILLA_NATS_URL", url)
-            .output()
-            .unwrap(),
+        support::output_or_panic(
+            home.command(&["kill"]).env("FLOTILLA_NATS_URL", url),
+            CLI_WITHIN,
+        ),
     ] {
         assert!(!out.status.success());
         let err = text(&out.stderr);
@@ -564,4 +567,16 @@ async fn ask(port: u16) -> String {
     .expect("an answer in time")
     .unwrap();
     answer
+}
+
+#[test]
+fn a_command_that_hangs_is_killed_and_reported() {
+    let started = std::time::Instant::now();
+    let err = support::output_within(
+        Command::new("sleep").arg("1000"),
+        Duration::from_millis(200),
+    )
+    .expect_err("sleep 1000 cannot finish in 200 ms");
+    assert!(err.contains("did not finish within 200ms: killed"), "{err}");
+    assert!(started.elapsed() < WAIT, "bounded");
 }

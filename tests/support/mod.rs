@@ -135,6 +135,39 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
         .unwrap_or_else(|_| panic!("timed out ({WAIT:?}) waiting for {what}"))
 }
 
+/// Runs `cmd` to its end (stdin closed, output captured) with a deadline: on expiry it is
+/// SIGKILLed and the error says what hung. Blocking (a thread waits, the caller waits on it
+/// with `recv_timeout`), so it serves `Drop` and plain `#[test]`s too.
+pub fn output_within(cmd: &mut Command, within: Duration) -> Result<std::process::Output, String> {
+    let what = format!("{:?}", cmd);
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what} did not start: {e}"))?;
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.map_err(|e| format!("{what}: {e}")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            Err(format!("{what} did not finish within {within:?}: killed"))
+        }
+    }
+}
+
+/// Same, panicking with the error.
+pub fn output_or_panic(cmd: &mut Command, within: Duration) -> std::process::Output {
+    output_within(cmd, within).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
