@@ -168,7 +168,11 @@ pub fn output_or_panic(cmd: &mut Command, within: Duration) -> std::process::Out
     output_within(cmd, within).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released). Only for ports a test must name before anything
+/// binds them (an app's `--listen` or `PORT`, a server the agent waits for): the kernel may hand
+/// the number to another test in between, so a test using it must not conclude anything from
+/// someone else holding it (check the socket's inode, as `tests/cli.rs` does). Servers the
+/// harness starts itself pick their port with 0 / `-p -1` and read it back.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
