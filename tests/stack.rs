@@ -415,6 +415,8 @@ async fn nats_server_is_restarted_on_the_same_port_when_it_dies() {
         .connect(info.url.as_str())
         .await
         .unwrap();
+    // The controller says when it serves again after a reconnection.
+    let mut serving = Watch::new(&client, "pmctl.controller.serving").await;
     // No other test's stack starts while the port is free (it could take it).
     let _alone = STARTS.write().await;
     nix::sys::signal::kill(
@@ -433,17 +435,27 @@ async fn nats_server_is_restarted_on_the_same_port_when_it_dies() {
     })
     .await
     .expect("the client reconnected to the same URL");
-    // The stack's own clients reconnect on their own schedule: until the controller has
-    // resubscribed, a request gets "no responders" at once (bounded by WAIT).
-    tokio::time::timeout(WAIT, async {
-        while client
-            .request("pmctl.api.nothing", "{}".into())
-            .await
-            .is_err()
-        {}
-    })
-    .await
-    .expect("the controller answers again");
+    // The stack's own clients reconnect on their own schedule. Our client has resubscribed
+    // (its request below leaves after its subscriptions): if the controller does not answer
+    // yet, its reconnection comes later and ends with its announcement, which we then hear.
+    // (Once, a request made just then went unanswered for 10 s instead of "no responders":
+    // any error waits for the announcement.)
+    if client
+        .request("pmctl.controllers.info", "{}".into())
+        .await
+        .is_err()
+    {
+        support::within("the controller announcing it serves again", async {
+            loop {
+                let m = serving.next_raw().await;
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                if v["connection"].as_u64().is_some_and(|n| n >= 2) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     assert!(ls(&client).await.error.is_none());
     let servers: Vec<u32> = processes_of(&home.path())
         .into_iter()
