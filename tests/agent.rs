@@ -858,6 +858,8 @@ async fn shutdown_is_bounded_when_a_descendant_escaped_and_holds_stdout() {
         .trim()
         .parse()
         .unwrap();
+    // Out of the worker's group: if this test fails, its drop guard kills it by name.
+    agent.also_kill(pid);
     let stopped = agent.stop().await;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

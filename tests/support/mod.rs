@@ -180,12 +180,31 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// (pgid, start time) of the worker groups a test agent was seen to start.
+type Groups = std::sync::Arc<std::sync::Mutex<Vec<(i32, Option<u64>)>>>;
+
+/// The result of an in-process agent's `run`.
+type AgentTask = tokio::task::JoinHandle<Result<(), flotilla::agent::AgentError>>;
+
 /// An agent running in-process (the same `run` as the binary), stopped on `stop()`.
+///
+/// Dropped without a clean `stop()` (a test that panicked, or one that never stopped it), it
+/// SIGKILLs the process group of every worker it was seen to start (workers are group leaders;
+/// some fixtures ignore their kill signal, and grandchildren share the group), tells the agent
+/// to stop and waits for it (bounded). Workers are seen through the agent's `process:event`s
+/// on NATS, so a worker started while NATS is down is not; `also_kill` adds others (an
+/// escapee in a session of its own).
 pub struct TestAgent {
     pub host: String,
     pub home: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), flotilla::agent::AgentError>>>,
+    task: Option<AgentTask>,
+    /// Told when `run` has returned (a blocking wait for `Drop`).
+    done: std::sync::mpsc::Receiver<()>,
+    /// (pgid, start time) of each worker seen; the start time tells a reused pid apart.
+    groups: Groups,
+    recorder: Option<tokio::task::JoinHandle<()>>,
+    recording: Option<oneshot::Receiver<()>>,
 }
 
 /// Settings for a test agent.
@@ -196,6 +215,48 @@ pub fn settings(url: &str, host: &str, home: &Path) -> Settings {
     s.home = home.to_path_buf();
     s.heartbeat_interval = Duration::from_millis(200);
     s
+}
+
+/// A process's start time (clock ticks since boot; field 22 of `/proc/<pid>/stat`).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Records the pid (= pgid) of each worker `host`'s agent reports in a `process:event`.
+async fn record_workers(
+    url: String,
+    host: String,
+    groups: Groups,
+    subscribed: oneshot::Sender<()>,
+) {
+    let Ok(client) = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url.as_str())
+        .await
+    else {
+        return;
+    };
+    let Ok(mut sub) = client.subscribe("*.*.*.process:event").await else {
+        return;
+    };
+    let _ = client.flush().await;
+    let _ = subscribed.send(());
+    while let Some(m) = sub.next().await {
+        let Ok(env) = serde_json::from_slice::<Envelope>(&m.payload) else {
+            continue;
+        };
+        let pid = env.process.pid as i32;
+        if env.process.host != host || pid <= 0 {
+            continue;
+        }
+        let mut g = groups.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.iter().any(|(p, _)| *p == pid) {
+            g.push((pid, start_time(pid)));
+        }
+    }
 }
 
 impl TestAgent {
@@ -216,13 +277,18 @@ impl TestAgent {
             .await
             .unwrap();
         client.flush().await.unwrap();
-        let agent = Self::spawn(&nats.url(), host, f);
+        let mut agent = Self::spawn(&nats.url(), host, f);
         let msg = tokio::time::timeout(WAIT, online.next())
             .await
             .expect("agent did not come online in time")
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
         assert_eq!(v["event"], "online");
+        if let Some(r) = agent.recording.take() {
+            within("the test's worker recorder to subscribe", r)
+                .await
+                .expect("the recorder subscribed");
+        }
         agent
     }
 
@@ -247,21 +313,64 @@ impl TestAgent {
         }
         let mut s = settings(url, host, home.path());
         f(&mut s);
+        let groups = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let (subscribed, recording) = oneshot::channel();
+        let recorder = tokio::spawn(record_workers(
+            url.to_string(),
+            host.to_string(),
+            groups.clone(),
+            subscribed,
+        ));
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(flotilla::agent::run(s, async move {
-            let _ = rx.await;
-        }));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let task = tokio::spawn(async move {
+            let res = flotilla::agent::run(s, async move {
+                let _ = rx.await;
+            })
+            .await;
+            let _ = done_tx.send(());
+            res
+        });
         TestAgent {
             host: host.into(),
             home,
             stop: Some(tx),
             task: Some(task),
+            done,
+            groups,
+            recorder: Some(recorder),
+            recording: Some(recording),
         }
     }
 
     /// Log directory.
     pub fn log_dir(&self) -> PathBuf {
         self.home.path().join("logs")
+    }
+
+    /// Has `Drop` SIGKILL process group `pgid` too (e.g. a descendant that left the worker's
+    /// group for a session of its own, which makes it a group leader).
+    pub fn also_kill(&self, pgid: i32) {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((pgid, start_time(pgid)));
+    }
+
+    /// Waits for the agent's task under `within`; the task stays ours until it has ended, so a
+    /// panic here leaves it to `Drop`.
+    async fn finish(
+        &mut self,
+        within: Duration,
+        what: &str,
+    ) -> Result<(), flotilla::agent::AgentError> {
+        let task = self.task.as_mut().expect("the agent task");
+        let res = tokio::time::timeout(within, task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("agent task panicked");
+        self.task = None;
+        res
     }
 
     /// Stops the agent and hands back its home.
@@ -271,22 +380,17 @@ impl TestAgent {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        let task = self.task.take().unwrap();
-        let res = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("agent did not stop in 30 s")
-            .expect("agent task panicked");
+        let res = self
+            .finish(Duration::from_secs(30), "agent did not stop in 30 s")
+            .await;
         let home = std::mem::replace(&mut self.home, tempfile::tempdir().unwrap());
         (res, home)
     }
 
     /// Waits for `run` to return by itself (e.g. on a fatal error), without asking it to stop.
     pub async fn join(mut self) -> Result<(), flotilla::agent::AgentError> {
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(WAIT, task)
+        self.finish(WAIT, "agent did not end by itself in time")
             .await
-            .expect("agent did not end by itself in time")
-            .expect("agent task panicked")
     }
 
     /// Asks the agent to shut down and waits for `run` to return.
@@ -294,19 +398,51 @@ impl TestAgent {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(30), task)
+        self.finish(Duration::from_secs(30), "agent did not stop in 30 s")
             .await
-            .expect("agent did not stop in 30 s")
-            .expect("agent task panicked")
+    }
+
+    /// SIGKILLs every recorded worker group still there (skipping a pid now someone else's).
+    fn kill_groups(&self) {
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        for &(pgid, started) in groups.iter() {
+            let now = start_time(pgid);
+            if started.is_some() && now.is_some() && now != started {
+                continue; // the leader is gone and its pid was reused
+            }
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        if let Some(r) = self.recorder.take() {
+            r.abort();
+        }
+        let Some(task) = self.task.take() else {
+            return; // stopped (or ended) cleanly: its workers are stopped
+        };
+        let panicking = std::thread::panicking();
+        if panicking {
+            // No graceful stop for a failed test: nothing of it may outlive it.
+            self.kill_groups();
+        }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        // A blocking wait: the agent runs on the runtime's workers, not on this thread (on a
+        // current-thread runtime it cannot run while we wait, so do not).
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi && !task.is_finished() {
+            let _ = self.done.recv_timeout(Duration::from_secs(10));
+        }
+        task.abort();
+        self.kill_groups();
     }
 }
 
