@@ -11,7 +11,7 @@ use support::*;
 use uuid::Uuid;
 
 fn spec(name: &str, script: &str) -> AppSpec {
-    AppSpec::new(name, fixture(script))
+    fixture_spec(name, script)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1056,7 +1056,7 @@ async fn a_restart_or_reload_whose_new_run_cannot_be_spawned_says_which() {
     let exec = |mode| std::fs::set_permissions(&script, std::fs::Permissions::from_mode(mode));
     exec(0o755).unwrap();
     for name in ["r", "l"] {
-        let mut s = AppSpec::new(name, &script);
+        let mut s = clean_env(AppSpec::new(name, &script));
         s.interpreter = Some("none".into());
         let r = request(&client, "h", start(s)).await;
         assert!(r.error.is_none(), "{r:?}");

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use support::{WAIT, Watch, await_pid_exit, fixture};
+use support::{WAIT, Watch, await_pid_exit};
 use uuid::Uuid;
 
 const HOST: &str = "stack-test";
@@ -241,7 +241,7 @@ async fn kill_stops_workers_daemon_and_nats_server() {
     let r = support::request(
         &client,
         HOST,
-        support::start(AppSpec::new("w", fixture("worker.py"))),
+        support::start(support::fixture_spec("w", "worker.py")),
     )
     .await;
     assert!(r.error.is_none(), "{r:?}");
@@ -292,7 +292,7 @@ async fn desired_state_survives_kill_and_a_new_start() {
     let client = async_nats::connect(info.url.as_str()).await.unwrap();
     let mut events = Watch::new(&client, "pm.default.kept.process:event").await;
     let req =
-        start_through_the_controller(&client, AppSpec::new("kept", fixture("worker.py"))).await;
+        start_through_the_controller(&client, support::fixture_spec("kept", "worker.py")).await;
     events
         .until("kept online", |s| {
             s.env
@@ -487,7 +487,7 @@ async fn an_agent_killed_hard_leaves_no_worker_holding_the_port() {
     let mut events = Watch::new(&client, "pm.default.held.process:event").await;
     // A fork-mode server that never reads its channel: only a signal stops it.
     let port = support::free_port();
-    let mut spec = AppSpec::new("held", fixture("listen.py"));
+    let mut spec = support::fixture_spec("held", "listen.py");
     spec.listen = vec![format!("tcp://127.0.0.1:{port}")];
     start_through_the_controller(&client, spec).await;
     let worker = events

@@ -488,6 +488,45 @@ pub fn targeted(verb: &str, target: &str) -> Request {
     }
 }
 
+/// Variables of the runner's environment that change how a worker's interpreter starts or
+/// behaves (a `NODE_OPTIONS=--require …` from an IDE or a coverage tool, a `PYTHONPATH`, a
+/// `PYTHONUNBUFFERED` hiding a buffering bug, a `BASH_ENV` sourced by every bash script).
+/// Empty is the same as unset for each of them.
+pub const RUNNER_ENV: &[&str] = &[
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "NODE_DEBUG",
+    "NODE_V8_COVERAGE",
+    "NODE_EXTRA_CA_CERTS",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONWARNINGS",
+    "PYTHONINSPECT",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "BASH_ENV",
+    "ENV",
+];
+
+/// A spec whose workers do not see the runner's `RUNNER_ENV`: an in-process agent hands its
+/// workers its own environment (the test process's), and changing the process's environment
+/// while other tests' threads run is unsound, so each spec sets them, empty, in its `env`
+/// (which the agent lays over its own).
+pub fn clean_env(mut spec: AppSpec) -> AppSpec {
+    for k in RUNNER_ENV {
+        if std::env::var_os(k).is_some() {
+            spec.env.entry(k.to_string()).or_default();
+        }
+    }
+    spec
+}
+
+/// A spec for a fixture script, with a clean environment (`clean_env`).
+pub fn fixture_spec(name: &str, script: &str) -> AppSpec {
+    clean_env(AppSpec::new(name, fixture(script)))
+}
+
 /// A fixture script's absolute path.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
