@@ -11,7 +11,7 @@ use support::*;
 use uuid::Uuid;
 
 fn spec(name: &str, script: &str) -> AppSpec {
-    AppSpec::new(name, fixture(script))
+    fixture_spec(name, script)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,14 +561,27 @@ async fn repeating_a_request_id_is_harmless() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_waits_for_nats_and_connects_when_it_appears() {
+    // The agent must be given the URL before the server exists, so the port is picked by
+    // binding and releasing it: another test's server (`-p -1`) could take it in between,
+    // which would fail this test, never pass it wrongly.
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let agent = TestAgent::spawn(&url, "late", |_| {});
-    // The agent is retrying now; bring the server up on that port.
+    // Nothing listens on the port: the agent can only be retrying (a first attempt that gave
+    // up would have ended `run`).
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "something already listens on {port}"
+    );
+    // Bring the server up on that port; a heartbeat from the agent (they keep coming, so
+    // subscribing late cannot miss them, unlike the one-off `online`) shows it connected
+    // after the server appeared.
     let nats = NatsServer::start_with(Some(port), &[]);
     let client = nats.client().await;
-    let mut online = Watch::new(&client, "pm._fleet.late.host:event").await;
-    let _ = online.next_raw().await;
+    let mut beats = Watch::new(&client, "pm._fleet.late.host:heartbeat").await;
+    let beat = beats.next_raw().await;
+    let beat: flotilla::protocol::fleet::Heartbeat = serde_json::from_slice(&beat.payload).unwrap();
+    assert_eq!(beat.host, "late");
     let list = request(&client, "late", targeted("list", "all")).await;
     assert!(list.error.is_none());
     agent.stop().await.unwrap();
@@ -584,13 +597,17 @@ async fn heartbeats_carry_host_figures() {
     })
     .await;
     request(&client, "hb", start(spec("api", "chatty.js"))).await;
-    let beat = loop {
-        let m = hb.next_raw().await;
-        let v: flotilla::protocol::fleet::Heartbeat = serde_json::from_slice(&m.payload).unwrap();
-        if v.online == 1 {
-            break v;
+    let beat = within("a heartbeat counting the worker online", async {
+        loop {
+            let m = hb.next_raw().await;
+            let v: flotilla::protocol::fleet::Heartbeat =
+                serde_json::from_slice(&m.payload).unwrap();
+            if v.online == 1 {
+                break v;
+            }
         }
-    };
+    })
+    .await;
     assert_eq!(beat.host, "hb");
     assert_eq!(beat.labels.get("zone").map(String::as_str), Some("a"));
     assert_eq!(beat.processes, 1);
@@ -630,12 +647,15 @@ async fn shutdown_stops_workers_gracefully_and_says_goodbye() {
         exits == 2
     })
     .await;
-    let m = loop {
-        let m = w.next_raw().await;
-        if m.subject.as_str() == "pm._fleet.bye.host:event" {
-            break m;
+    let m = within("the host event after the exits", async {
+        loop {
+            let m = w.next_raw().await;
+            if m.subject.as_str() == "pm._fleet.bye.host:event" {
+                break m;
+            }
         }
-    };
+    })
+    .await;
     let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     offline |= v["event"] == "offline";
     assert!(offline);
@@ -838,6 +858,8 @@ async fn shutdown_is_bounded_when_a_descendant_escaped_and_holds_stdout() {
         .trim()
         .parse()
         .unwrap();
+    // Out of the worker's group: if this test fails, its drop guard kills it by name.
+    agent.also_kill(pid);
     let stopped = agent.stop().await;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -1034,7 +1056,7 @@ async fn a_restart_or_reload_whose_new_run_cannot_be_spawned_says_which() {
     let exec = |mode| std::fs::set_permissions(&script, std::fs::Permissions::from_mode(mode));
     exec(0o755).unwrap();
     for name in ["r", "l"] {
-        let mut s = AppSpec::new(name, &script);
+        let mut s = clean_env(AppSpec::new(name, &script));
         s.interpreter = Some("none".into());
         let r = request(&client, "h", start(s)).await;
         assert!(r.error.is_none(), "{r:?}");

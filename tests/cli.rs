@@ -470,6 +470,13 @@ impl Drop for StackGuard {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_laptop_start_just_works_and_apps_come_back_after_kill() {
     let home = tempfile::tempdir().unwrap();
+    // Any free port for the stack's nats-server, not 4222 (another stack, or a developer's
+    // own server, may hold it).
+    std::fs::write(
+        home.path().join("flotilla.toml"),
+        "[nats]\nlocal_port = 0\n",
+    )
+    .unwrap();
     let _guard = StackGuard(home.path().to_path_buf());
     let script = fixture("chatty.js");
     // No NATS URL: the first verb starts the local stack, then the app.
@@ -835,10 +842,16 @@ async fn listen_hands_one_socket_to_every_instance_in_any_language() {
     assert!(ok, "{err}");
     let got = ask_tcp_http(node_port).await;
     assert!(got.contains("node "), "{got}");
-    // Deleting the app closes its socket.
+    // Deleting the app closes its socket: that socket (by inode) listens no more, and unless
+    // a parallel test has since taken the freed port, connections are refused.
+    let inode = listening_inode(port).expect("the port listens");
     let (ok, _, err) = fleet.cli(&["delete", "py"]).await;
     assert!(ok, "{err}");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let now = listening_inode(port);
+    assert_ne!(now, Some(inode), "the app's socket still listens");
+    if now.is_none() {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
     drop(taken);
     fleet.stop().await;
 }
@@ -904,15 +917,22 @@ async fn unmodified_node_servers_share_one_port_in_cluster_mode() {
     assert!(ok, "{err}");
     assert!(ask_tcp_http(port).await.contains("200 OK"));
     // A stopped app holds no port (connections are refused, as under pm2); start binds again.
+    // The port was free when picked, not reserved: the socket is checked by inode, and the
+    // refusal only while nobody else (a parallel test) has taken the freed port.
+    let inode = listening_inode(port).expect("the port listens");
     let (ok, _, err) = fleet.cli(&["stop", "web"]).await;
     assert!(ok, "{err}");
-    let refused = try_http(port).await;
-    assert!(
-        refused
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
-        "{refused:?}"
-    );
+    let now = listening_inode(port);
+    assert_ne!(now, Some(inode), "the stopped app's socket still listens");
+    if now.is_none() {
+        let refused = try_http(port).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{refused:?}"
+        );
+    }
     let (ok, _, err) = fleet.cli(&["start", "web", "--wait-ready"]).await;
     assert!(ok, "{err}");
     assert!(ask_tcp_http(port).await.contains("200 OK"));

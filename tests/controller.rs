@@ -5,7 +5,7 @@ mod support;
 use flotilla::protocol::api::ApiStartRequest;
 use flotilla::protocol::control::TargetRequest;
 use flotilla::protocol::reply::Reply;
-use flotilla::protocol::{AppSpec, Status, Target};
+use flotilla::protocol::{Status, Target};
 use std::collections::BTreeMap;
 use support::*;
 use uuid::Uuid;
@@ -26,7 +26,7 @@ async fn start_places_instances_across_agents_and_ls_gathers_them() {
     let fleet = Fleet::start(&["h1", "h2"]).await;
     let client = fleet.nats.client().await;
     let mut events = Watch::new(&client, "pm.default.api.process:event").await;
-    let mut app = AppSpec::new("api", fixture("chatty.js"));
+    let mut app = fixture_spec("api", "chatty.js");
     app.instances = Some(4);
     let req = ApiStartRequest {
         request_id: Uuid::new_v4(),

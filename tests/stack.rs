@@ -15,10 +15,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use support::{WAIT, Watch, await_pid_exit, fixture};
+use support::{WAIT, Watch, await_pid_exit};
 use uuid::Uuid;
 
 const HOST: &str = "stack-test";
+
+/// Deadline for one run of the binary (a `kill` waits for workers' kill_timeout, a `daemon`
+/// for nats-server to start).
+const CLI_WITHIN: Duration = Duration::from_secs(60);
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_flotilla"))
@@ -60,9 +64,9 @@ impl Home {
         }
     }
 
-    /// `flotilla <args>` with this home and no NATS URL from the environment.
+    /// `flotilla <args>` with this home and no NATS URL from the environment, bounded.
     fn flotilla(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run flotilla")
+        support::output_or_panic(&mut self.command(args), CLI_WITHIN)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -88,7 +92,10 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
-        let _ = self.flotilla(&["kill"]);
+        // Bounded and never panicking (a panic while a failed test unwinds would abort).
+        if let Err(e) = support::output_within(&mut self.command(&["kill"]), CLI_WITHIN) {
+            eprintln!("cleaning up {}: {e}", self.dir.path().display());
+        }
     }
 }
 
@@ -175,10 +182,7 @@ fn racing_ensures_start_exactly_one_stack_that_answers() {
     assert_eq!(starters, 1, "exactly one CLI started it: {results:?}");
     assert_eq!(info.home, home.path());
     assert!(info.url.starts_with("nats://127.0.0.1:"), "{}", info.url);
-    let v = Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .unwrap();
+    let v = support::output_or_panic(Command::new("nats-server").arg("--version"), CLI_WITHIN);
     let pre_2_10 = text(&v.stdout).contains(" v2.9.") || text(&v.stdout).contains(" v2.8.");
     assert_eq!(
         info.sync_always, !pre_2_10,
@@ -237,7 +241,7 @@ async fn kill_stops_workers_daemon_and_nats_server() {
     let r = support::request(
         &client,
         HOST,
-        support::start(AppSpec::new("w", fixture("worker.py"))),
+        support::start(support::fixture_spec("w", "worker.py")),
     )
     .await;
     assert!(r.error.is_none(), "{r:?}");
@@ -288,7 +292,7 @@ async fn desired_state_survives_kill_and_a_new_start() {
     let client = async_nats::connect(info.url.as_str()).await.unwrap();
     let mut events = Watch::new(&client, "pm.default.kept.process:event").await;
     let req =
-        start_through_the_controller(&client, AppSpec::new("kept", fixture("worker.py"))).await;
+        start_through_the_controller(&client, support::fixture_spec("kept", "worker.py")).await;
     events
         .until("kept online", |s| {
             s.env
@@ -333,11 +337,10 @@ async fn desired_state_survives_kill_and_a_new_start() {
 fn without_nats_server_the_daemon_says_how_to_get_it() {
     let home = Home::new();
     let empty = tempfile::tempdir().unwrap();
-    let out = home
-        .command(&["daemon"])
-        .env("PATH", empty.path())
-        .output()
-        .unwrap();
+    let out = support::output_or_panic(
+        home.command(&["daemon"]).env("PATH", empty.path()),
+        CLI_WITHIN,
+    );
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
@@ -358,10 +361,10 @@ fn kill_in_a_fleet_refuses_and_points_to_stop_all() {
     let url = "nats://127.0.0.1:4999";
     for out in [
         home.flotilla(&["--nats-url", url, "kill"]),
-        home.command(&["kill"])
-            .env("FLOTILLA_NATS_URL", url)
-            .output()
-            .unwrap(),
+        support::output_or_panic(
+            home.command(&["kill"]).env("FLOTILLA_NATS_URL", url),
+            CLI_WITHIN,
+        ),
     ] {
         assert!(!out.status.success());
         let err = text(&out.stderr);
@@ -412,6 +415,8 @@ async fn nats_server_is_restarted_on_the_same_port_when_it_dies() {
         .connect(info.url.as_str())
         .await
         .unwrap();
+    // The controller says when it serves again after a reconnection.
+    let mut serving = Watch::new(&client, "pmctl.controller.serving").await;
     // No other test's stack starts while the port is free (it could take it).
     let _alone = STARTS.write().await;
     nix::sys::signal::kill(
@@ -430,17 +435,27 @@ async fn nats_server_is_restarted_on_the_same_port_when_it_dies() {
     })
     .await
     .expect("the client reconnected to the same URL");
-    // The stack's own clients reconnect on their own schedule: until the controller has
-    // resubscribed, a request gets "no responders" at once (bounded by WAIT).
-    tokio::time::timeout(WAIT, async {
-        while client
-            .request("pmctl.api.nothing", "{}".into())
-            .await
-            .is_err()
-        {}
-    })
-    .await
-    .expect("the controller answers again");
+    // The stack's own clients reconnect on their own schedule. Our client has resubscribed
+    // (its request below leaves after its subscriptions): if the controller does not answer
+    // yet, its reconnection comes later and ends with its announcement, which we then hear.
+    // (Once, a request made just then went unanswered for 10 s instead of "no responders":
+    // any error waits for the announcement.)
+    if client
+        .request("pmctl.controllers.info", "{}".into())
+        .await
+        .is_err()
+    {
+        support::within("the controller announcing it serves again", async {
+            loop {
+                let m = serving.next_raw().await;
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                if v["connection"].as_u64().is_some_and(|n| n >= 2) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     assert!(ls(&client).await.error.is_none());
     let servers: Vec<u32> = processes_of(&home.path())
         .into_iter()
@@ -472,7 +487,7 @@ async fn an_agent_killed_hard_leaves_no_worker_holding_the_port() {
     let mut events = Watch::new(&client, "pm.default.held.process:event").await;
     // A fork-mode server that never reads its channel: only a signal stops it.
     let port = support::free_port();
-    let mut spec = AppSpec::new("held", fixture("listen.py"));
+    let mut spec = support::fixture_spec("held", "listen.py");
     spec.listen = vec![format!("tcp://127.0.0.1:{port}")];
     start_through_the_controller(&client, spec).await;
     let worker = events
@@ -564,4 +579,16 @@ async fn ask(port: u16) -> String {
     .expect("an answer in time")
     .unwrap();
     answer
+}
+
+#[test]
+fn a_command_that_hangs_is_killed_and_reported() {
+    let started = std::time::Instant::now();
+    let err = support::output_within(
+        Command::new("sleep").arg("1000"),
+        Duration::from_millis(200),
+    )
+    .expect_err("sleep 1000 cannot finish in 200 ms");
+    assert!(err.contains("did not finish within 200ms: killed"), "{err}");
+    assert!(started.elapsed() < WAIT, "bounded");
 }

@@ -53,6 +53,16 @@ pub enum BusError {
 
 /// Builds connect options from settings (auth, TLS, sizes).
 pub async fn connect_options(settings: &Settings, name: &str) -> Result<ConnectOptions, BusError> {
+    connect_options_notifying(settings, name, None).await
+}
+
+/// Same; `connected` is told each time the client has (re)connected. A message the owner
+/// publishes after hearing it leaves after the client's subscriptions were sent again.
+pub async fn connect_options_notifying(
+    settings: &Settings,
+    name: &str,
+    connected: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> Result<ConnectOptions, BusError> {
     let n = &settings.nats;
     let mut o = ConnectOptions::new()
         .name(name)
@@ -61,17 +71,27 @@ pub async fn connect_options(settings: &Settings, name: &str) -> Result<ConnectO
         // Every request is bounded by its caller (a reload may take minutes); async-nats's
         // own 10 s default would cut long ones short.
         .request_timeout(None)
-        .event_callback(|ev| async move {
-            match ev {
-                async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; buffering"),
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                async_nats::Event::SlowConsumer(sid) => {
-                    tracing::warn!(
-                        sid,
-                        "slow consumer: NATS dropped messages for a subscription"
-                    )
+        .event_callback(move |ev| {
+            let connected = connected.clone();
+            async move {
+                match ev {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; buffering")
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS connected");
+                        if let Some(tx) = &connected {
+                            let _ = tx.send(());
+                        }
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(
+                            sid,
+                            "slow consumer: NATS dropped messages for a subscription"
+                        )
+                    }
+                    other => tracing::debug!("NATS event: {other}"),
                 }
-                other => tracing::debug!("NATS event: {other}"),
             }
         });
     if let Some(creds) = &n.creds {
@@ -109,8 +129,17 @@ pub async fn connect_options(settings: &Settings, name: &str) -> Result<ConnectO
 
 /// Connects once; the error says which URL and why.
 pub async fn connect_once(settings: &Settings, name: &str) -> Result<Client, BusError> {
+    connect_once_notifying(settings, name, None).await
+}
+
+/// Same, telling `connected` of each (re)connection (see [`connect_options_notifying`]).
+pub async fn connect_once_notifying(
+    settings: &Settings,
+    name: &str,
+    connected: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> Result<Client, BusError> {
     let url = settings.nats_url().to_string();
-    let opts = connect_options(settings, name).await?;
+    let opts = connect_options_notifying(settings, name, connected).await?;
     opts.connect(url.as_str())
         .await
         .map_err(|e| classify_connect_error(&url, e))
@@ -138,12 +167,22 @@ pub async fn connect_with_retry(
     name: &str,
     cancel: &CancellationToken,
 ) -> Result<Client, BusError> {
+    connect_with_retry_notifying(settings, name, cancel, None).await
+}
+
+/// Same, telling `connected` of each (re)connection (see [`connect_options_notifying`]).
+pub async fn connect_with_retry_notifying(
+    settings: &Settings,
+    name: &str,
+    cancel: &CancellationToken,
+    connected: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> Result<Client, BusError> {
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
         let res = tokio::select! {
-            r = connect_once(settings, name) => r,
+            r = connect_once_notifying(settings, name, connected.clone()) => r,
             _ = cancel.cancelled() => return Err(BusError::Cancelled(settings.nats_url().into())),
         };
         match res {

@@ -100,7 +100,15 @@ pub async fn run_ready(
     let subjects = Subjects::new(&settings.subject_prefix)
         .map_err(|e| ControllerError::Settings(e.to_string()))?;
     let cancel = CancellationToken::new();
-    let client = bus::connect_with_retry(&settings, "flotilla-controller", &cancel).await?;
+    let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
+    let client = bus::connect_with_retry_notifying(
+        &settings,
+        "flotilla-controller",
+        &cancel,
+        Some(connected_tx),
+    )
+    .await?;
+    let mut connections = 0u64;
     let store = Store::open(client.clone(), state::BUCKET).await?;
     let mut beats = client.subscribe(subjects.all_heartbeats()).await?;
     let mut host_events = client.subscribe(subjects.all_host_events()).await?;
@@ -157,6 +165,19 @@ pub async fn run_ready(
                 Ok(ev) => ctx.fleet.host_event(ev),
                 Err(e) => tracing::debug!(subject = %m.subject, "not a host event: {e}"),
             },
+            // Each (re)connection, the first included: read only once the API is subscribed
+            // (above), and published after the client sent its subscriptions again.
+            Some(()) = connected.recv() => {
+                connections += 1;
+                let me = verbs::reads::info(&ctx, None).controller;
+                let body = serde_json::json!({ "controller": me, "connection": connections });
+                if let Err(e) = client
+                    .publish(ctx.subjects.controller_serving(), body.to_string().into())
+                    .await
+                {
+                    tracing::debug!("cannot announce serving: {e}");
+                }
+            }
             _ = &mut shutdown => break,
         }
     }

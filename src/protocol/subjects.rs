@@ -246,6 +246,11 @@ impl Subjects {
     pub fn api(&self, verb: &str) -> String {
         format!("{}.api.{verb}", self.ctl)
     }
+    /// `pmctl.controller.serving`: a controller says it serves the API, on each (re)connection
+    /// to NATS, after its subscriptions were sent.
+    pub fn controller_serving(&self) -> String {
+        format!("{}.controller.serving", self.ctl)
+    }
     /// `pmctl.controllers.<verb>`: every controller answers (`info`).
     pub fn controllers(&self, verb: &str) -> String {
         format!("{}.controllers.{verb}", self.ctl)

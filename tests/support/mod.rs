@@ -126,7 +126,53 @@ impl Drop for NatsServer {
     }
 }
 
-/// A free loopback port (bound then released).
+/// Runs `fut` under one overall deadline (`WAIT`), panicking with what was awaited. For loops
+/// that skip messages which keep coming (heartbeats): a per-message deadline alone would let
+/// them run forever on a bug.
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out ({WAIT:?}) waiting for {what}"))
+}
+
+/// Runs `cmd` to its end (stdin closed, output captured) with a deadline: on expiry it is
+/// SIGKILLed and the error says what hung. Blocking (a thread waits, the caller waits on it
+/// with `recv_timeout`), so it serves `Drop` and plain `#[test]`s too.
+pub fn output_within(cmd: &mut Command, within: Duration) -> Result<std::process::Output, String> {
+    let what = format!("{:?}", cmd);
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what} did not start: {e}"))?;
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.map_err(|e| format!("{what}: {e}")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            Err(format!("{what} did not finish within {within:?}: killed"))
+        }
+    }
+}
+
+/// Same, panicking with the error.
+pub fn output_or_panic(cmd: &mut Command, within: Duration) -> std::process::Output {
+    output_within(cmd, within).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A free loopback port (bound then released). Only for ports a test must name before anything
+/// binds them (an app's `--listen` or `PORT`, a server the agent waits for): the kernel may hand
+/// the number to another test in between, so a test using it must not conclude anything from
+/// someone else holding it (check the socket's inode, as `tests/cli.rs` does). Servers the
+/// harness starts itself pick their port with 0 / `-p -1` and read it back.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -134,12 +180,31 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// (pgid, start time) of the worker groups a test agent was seen to start.
+type Groups = std::sync::Arc<std::sync::Mutex<Vec<(i32, Option<u64>)>>>;
+
+/// The result of an in-process agent's `run`.
+type AgentTask = tokio::task::JoinHandle<Result<(), flotilla::agent::AgentError>>;
+
 /// An agent running in-process (the same `run` as the binary), stopped on `stop()`.
+///
+/// Dropped without a clean `stop()` (a test that panicked, or one that never stopped it), it
+/// SIGKILLs the process group of every worker it was seen to start (workers are group leaders;
+/// some fixtures ignore their kill signal, and grandchildren share the group), tells the agent
+/// to stop and waits for it (bounded). Workers are seen through the agent's `process:event`s
+/// on NATS, so a worker started while NATS is down is not; `also_kill` adds others (an
+/// escapee in a session of its own).
 pub struct TestAgent {
     pub host: String,
     pub home: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), flotilla::agent::AgentError>>>,
+    task: Option<AgentTask>,
+    /// Told when `run` has returned (a blocking wait for `Drop`).
+    done: std::sync::mpsc::Receiver<()>,
+    /// (pgid, start time) of each worker seen; the start time tells a reused pid apart.
+    groups: Groups,
+    recorder: Option<tokio::task::JoinHandle<()>>,
+    recording: Option<oneshot::Receiver<()>>,
 }
 
 /// Settings for a test agent.
@@ -150,6 +215,48 @@ pub fn settings(url: &str, host: &str, home: &Path) -> Settings {
     s.home = home.to_path_buf();
     s.heartbeat_interval = Duration::from_millis(200);
     s
+}
+
+/// A process's start time (clock ticks since boot; field 22 of `/proc/<pid>/stat`).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Records the pid (= pgid) of each worker `host`'s agent reports in a `process:event`.
+async fn record_workers(
+    url: String,
+    host: String,
+    groups: Groups,
+    subscribed: oneshot::Sender<()>,
+) {
+    let Ok(client) = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url.as_str())
+        .await
+    else {
+        return;
+    };
+    let Ok(mut sub) = client.subscribe("*.*.*.process:event").await else {
+        return;
+    };
+    let _ = client.flush().await;
+    let _ = subscribed.send(());
+    while let Some(m) = sub.next().await {
+        let Ok(env) = serde_json::from_slice::<Envelope>(&m.payload) else {
+            continue;
+        };
+        let pid = env.process.pid as i32;
+        if env.process.host != host || pid <= 0 {
+            continue;
+        }
+        let mut g = groups.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.iter().any(|(p, _)| *p == pid) {
+            g.push((pid, start_time(pid)));
+        }
+    }
 }
 
 impl TestAgent {
@@ -170,13 +277,18 @@ impl TestAgent {
             .await
             .unwrap();
         client.flush().await.unwrap();
-        let agent = Self::spawn(&nats.url(), host, f);
+        let mut agent = Self::spawn(&nats.url(), host, f);
         let msg = tokio::time::timeout(WAIT, online.next())
             .await
             .expect("agent did not come online in time")
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
         assert_eq!(v["event"], "online");
+        if let Some(r) = agent.recording.take() {
+            within("the test's worker recorder to subscribe", r)
+                .await
+                .expect("the recorder subscribed");
+        }
         agent
     }
 
@@ -201,21 +313,64 @@ impl TestAgent {
         }
         let mut s = settings(url, host, home.path());
         f(&mut s);
+        let groups = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let (subscribed, recording) = oneshot::channel();
+        let recorder = tokio::spawn(record_workers(
+            url.to_string(),
+            host.to_string(),
+            groups.clone(),
+            subscribed,
+        ));
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(flotilla::agent::run(s, async move {
-            let _ = rx.await;
-        }));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let task = tokio::spawn(async move {
+            let res = flotilla::agent::run(s, async move {
+                let _ = rx.await;
+            })
+            .await;
+            let _ = done_tx.send(());
+            res
+        });
         TestAgent {
             host: host.into(),
             home,
             stop: Some(tx),
             task: Some(task),
+            done,
+            groups,
+            recorder: Some(recorder),
+            recording: Some(recording),
         }
     }
 
     /// Log directory.
     pub fn log_dir(&self) -> PathBuf {
         self.home.path().join("logs")
+    }
+
+    /// Has `Drop` SIGKILL process group `pgid` too (e.g. a descendant that left the worker's
+    /// group for a session of its own, which makes it a group leader).
+    pub fn also_kill(&self, pgid: i32) {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((pgid, start_time(pgid)));
+    }
+
+    /// Waits for the agent's task under `within`; the task stays ours until it has ended, so a
+    /// panic here leaves it to `Drop`.
+    async fn finish(
+        &mut self,
+        within: Duration,
+        what: &str,
+    ) -> Result<(), flotilla::agent::AgentError> {
+        let task = self.task.as_mut().expect("the agent task");
+        let res = tokio::time::timeout(within, task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("agent task panicked");
+        self.task = None;
+        res
     }
 
     /// Stops the agent and hands back its home.
@@ -225,22 +380,17 @@ impl TestAgent {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        let task = self.task.take().unwrap();
-        let res = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("agent did not stop in 30 s")
-            .expect("agent task panicked");
+        let res = self
+            .finish(Duration::from_secs(30), "agent did not stop in 30 s")
+            .await;
         let home = std::mem::replace(&mut self.home, tempfile::tempdir().unwrap());
         (res, home)
     }
 
     /// Waits for `run` to return by itself (e.g. on a fatal error), without asking it to stop.
     pub async fn join(mut self) -> Result<(), flotilla::agent::AgentError> {
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(WAIT, task)
+        self.finish(WAIT, "agent did not end by itself in time")
             .await
-            .expect("agent did not end by itself in time")
-            .expect("agent task panicked")
     }
 
     /// Asks the agent to shut down and waits for `run` to return.
@@ -248,19 +398,51 @@ impl TestAgent {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(30), task)
+        self.finish(Duration::from_secs(30), "agent did not stop in 30 s")
             .await
-            .expect("agent did not stop in 30 s")
-            .expect("agent task panicked")
+    }
+
+    /// SIGKILLs every recorded worker group still there (skipping a pid now someone else's).
+    fn kill_groups(&self) {
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        for &(pgid, started) in groups.iter() {
+            let now = start_time(pgid);
+            if started.is_some() && now.is_some() && now != started {
+                continue; // the leader is gone and its pid was reused
+            }
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        if let Some(r) = self.recorder.take() {
+            r.abort();
+        }
+        let Some(task) = self.task.take() else {
+            return; // stopped (or ended) cleanly: its workers are stopped
+        };
+        let panicking = std::thread::panicking();
+        if panicking {
+            // No graceful stop for a failed test: nothing of it may outlive it.
+            self.kill_groups();
+        }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        // A blocking wait: the agent runs on the runtime's workers, not on this thread (on a
+        // current-thread runtime it cannot run while we wait, so do not).
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi && !task.is_finished() {
+            let _ = self.done.recv_timeout(Duration::from_secs(10));
+        }
+        task.abort();
+        self.kill_groups();
     }
 }
 
@@ -304,6 +486,45 @@ pub fn targeted(verb: &str, target: &str) -> Request {
         None if verb == "list" => Request::List(r),
         None => panic!("not a targeted verb: {verb}"),
     }
+}
+
+/// Variables of the runner's environment that change how a worker's interpreter starts or
+/// behaves (a `NODE_OPTIONS=--require …` from an IDE or a coverage tool, a `PYTHONPATH`, a
+/// `PYTHONUNBUFFERED` hiding a buffering bug, a `BASH_ENV` sourced by every bash script).
+/// Empty is the same as unset for each of them.
+pub const RUNNER_ENV: &[&str] = &[
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "NODE_DEBUG",
+    "NODE_V8_COVERAGE",
+    "NODE_EXTRA_CA_CERTS",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONWARNINGS",
+    "PYTHONINSPECT",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "BASH_ENV",
+    "ENV",
+];
+
+/// A spec whose workers do not see the runner's `RUNNER_ENV`: an in-process agent hands its
+/// workers its own environment (the test process's), and changing the process's environment
+/// while other tests' threads run is unsound, so each spec sets them, empty, in its `env`
+/// (which the agent lays over its own).
+pub fn clean_env(mut spec: AppSpec) -> AppSpec {
+    for k in RUNNER_ENV {
+        if std::env::var_os(k).is_some() {
+            spec.env.entry(k.to_string()).or_default();
+        }
+    }
+    spec
+}
+
+/// A spec for a fixture script, with a clean environment (`clean_env`).
+pub fn fixture_spec(name: &str, script: &str) -> AppSpec {
+    clean_env(AppSpec::new(name, fixture(script)))
 }
 
 /// A fixture script's absolute path.
@@ -500,10 +721,13 @@ impl Fleet {
         }
         // A second heartbeat from each host: the controller has taken the first by then.
         let mut count: std::collections::BTreeMap<String, u32> = Default::default();
-        while count.values().filter(|&&n| n >= 2).count() < hosts.len() {
-            let m = beats.next_raw().await;
-            *count.entry(m.subject.to_string()).or_default() += 1;
-        }
+        within(&format!("two heartbeats from each of {hosts:?}"), async {
+            while count.values().filter(|&&n| n >= 2).count() < hosts.len() {
+                let m = beats.next_raw().await;
+                *count.entry(m.subject.to_string()).or_default() += 1;
+            }
+        })
+        .await;
         Fleet {
             nats,
             agents,
