@@ -678,9 +678,18 @@ pub async fn await_pid_exit(pid: i32, within: Duration) -> bool {
     tokio::time::timeout(within, afd.readable()).await.is_ok()
 }
 
-/// True while a pid exists (zombies included).
+/// True while `pid` runs: a zombie (exited, not yet reaped, as the in-process agent's workers
+/// are for a moment) has exited and counts as gone.
 pub fn pid_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')', since comm may hold one.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X' | 'x'))
+        ),
+        Err(_) => false,
+    }
 }
 
 /// A fleet in one test: a real nats-server, a controller and agents running in-process, with
