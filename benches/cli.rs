@@ -31,7 +31,7 @@
 mod common;
 
 use common::procfs::{Exits, alive, cpu_of, vm_rss};
-use common::stats::{median, median_duration, upper_median};
+use common::stats::{median, median_duration};
 use common::table::{mib, print_aligned};
 use common::{clear_tool_env, knob, machine};
 use serde_json::Value;
@@ -667,9 +667,9 @@ impl Bench {
             }
         }
         Ok(Mem {
-            daemon: upper_median(&d).unwrap_or(0),
-            nats: upper_median(&n).unwrap_or(0),
-            pm2: pm2.map(|_| upper_median(&p).unwrap_or(0)),
+            daemon: median(d).unwrap_or(0),
+            nats: median(n).unwrap_or(0),
+            pm2: pm2.map(|_| median(p.clone()).unwrap_or(0)),
         })
     }
 }
@@ -1029,7 +1029,7 @@ impl Samples {
         let pm_jl = find("pm2 jlist");
         let wall = |c: Option<&Calls>| c.map(|c| median_duration(&c.wall));
         let cpu = |c: Option<&Calls>| c.map(|c| median_duration(&c.cpu));
-        let rss = |c: Option<&Calls>| c.map(|c| upper_median(&c.rss).unwrap_or(0));
+        let rss = |c: Option<&Calls>| c.map(|c| median(c.rss.clone()).unwrap_or(0));
         let srv = |c: Option<&Calls>| c.map(|c| c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64);
         let or_none = |v: Option<String>| v.unwrap_or_else(|| none.clone());
         if let Some(l) = wall(fl_ls) {
@@ -1168,7 +1168,7 @@ impl Samples {
                 ms(median_duration(&w)),
                 ms(w[w.len() - 1]),
                 ms(median_duration(&c.cpu)),
-                mib(upper_median(&c.rss).unwrap_or(0)),
+                mib(median(c.rss.clone()).unwrap_or(0)),
                 c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64
             );
         }

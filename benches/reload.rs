@@ -26,7 +26,7 @@
 mod common;
 
 use common::procfs::Exits;
-use common::stats::{median, percentile_rounded};
+use common::stats::{median, percentile_duration};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -567,10 +567,10 @@ fn summarise(samples: &[Sample], windows: &[(Duration, Duration)], ended: Durati
         timeout,
         steady_rps: rate(steady.len(), steady_time),
         reload_rps: rate(reload.len(), reload_time),
-        steady_p50: percentile_rounded(&steady, 0.50),
-        steady_p99: percentile_rounded(&steady, 0.99),
-        reload_p50: percentile_rounded(&reload, 0.50),
-        reload_p99: percentile_rounded(&reload, 0.99),
+        steady_p50: percentile_duration(&steady, 0.50),
+        steady_p99: percentile_duration(&steady, 0.99),
+        reload_p50: percentile_duration(&reload, 0.50),
+        reload_p99: percentile_duration(&reload, 0.99),
         reload_max: reload.last().copied().unwrap_or_default(),
         reload_wall: windows.iter().map(|(a, b)| *b - *a).collect(),
         reload_cli: vec![],
