@@ -2,19 +2,24 @@
 //!
 //! Measures, in one run on this machine, side by side, with the same tiny Node app for every
 //! tool (it stays alive and exits on SIGINT):
-//! 1. warm `flotilla start app.js -i 4` (the local stack already running) until the command
-//!    returns, which is when all four are online, against the floor: a plain Node `cluster`
-//!    primary forking the same 4 workers, from its spawn until it prints that all 4 are online;
+//! 1. warm `flotilla start app.js -i 4` (the local stack already running) until the 4 workers
+//!    have booted (their boot marks, below), against the floor: a plain Node `cluster` primary
+//!    forking the same 4 workers, from its spawn until they have booted (the target's row);
+//!    and, not like for like, the command's return (all four online) against the primary's 4
+//!    'online' events;
 //! 2. cold `flotilla start app.js -i 4` in a fresh `FLOTILLA_HOME` (the daemon and its
 //!    nats-server are spawned too), against pm2 cold in a fresh `PM2_HOME`: until `pm2 jlist`
-//!    shows 4 online (polled as soon as `pm2 start` returns), and `pm2 start`'s own return;
+//!    shows 4 online (polled as soon as `pm2 start` returns), less the cost of one `pm2 jlist`
+//!    call on a running daemon (the target's row), and raw; until the 4 workers have booted;
+//!    and `pm2 start`'s own return;
 //! 3. `flotilla ls` (and `ls --json`) with 4 workers running: wall time, the CLI process's CPU
 //!    time and max RSS (from `wait4`'s rusage), and the CPU the stack spends answering, against
 //!    `pm2 ls` and `pm2 jlist`;
 //! 4. RSS of the flotilla daemon plus its nats-server against pm2's daemon, 4 workers each.
 //!
 //! The start cases run [`ROUNDS`] times, interleaved round by round (the order reversed every
-//! other round) so that drift on a shared machine hits every case alike; the table shows
+//! other round) so that drift on a shared machine hits every case alike; after each stop the
+//! next case waits for the workers (and a killed daemon) to have exited, through pidfds; the table shows
 //! medians, and ratios are taken between medians. `pm2` is optional: without it the flotilla
 //! figures are printed with "pm2 not installed" in place of the reference.
 //!
@@ -25,8 +30,8 @@
 
 mod common;
 
-use common::procfs::{alive, cpu_of, vm_rss};
-use common::stats::{median, median_duration, upper_median};
+use common::procfs::{Exits, alive, cpu_of, vm_rss};
+use common::stats::{median, median_duration};
 use common::table::{mib, print_aligned};
 use common::{clear_tool_env, knob, machine};
 use serde_json::Value;
@@ -49,8 +54,10 @@ const COMMAND_WITHIN: Duration = Duration::from_secs(60);
 const ONLINE_WITHIN: Duration = Duration::from_secs(60);
 /// Longest the whole bench may take (checked between steps).
 const TOTAL_WITHIN: Duration = Duration::from_secs(600);
-/// Pause after a delete or kill, so that exiting workers do not overlap the next measurement.
-const SETTLE: Duration = Duration::from_millis(300);
+/// Longest the workers (and, after a kill, the daemon) may take to exit after a delete or a
+/// kill; the next measurement starts only once they have, so that exiting processes do not
+/// overlap it.
+const EXIT_WITHIN: Duration = Duration::from_secs(10);
 /// Pause before the steady-state readings (ls, memory), after the workers started.
 const STEADY_AFTER: Duration = Duration::from_secs(2);
 
@@ -320,6 +327,32 @@ impl Bench {
         Marks::watch(&dir, WORKERS, COMMAND_WITHIN)
     }
 
+    /// The workers that left the last boot marks (their pid names the mark) and `more`,
+    /// watched for their exit. Call it while they run: after the boot marks, before the stop.
+    fn workers(&self, more: &[u32]) -> Exits {
+        let mut pids: Vec<u32> = std::fs::read_dir(self.marks())
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        pids.extend_from_slice(more);
+        Exits::watch(&pids)
+    }
+
+    /// Waits for `what` (watched by [`Bench::workers`]) to have exited: an error when some
+    /// still run after [`EXIT_WITHIN`].
+    fn exited(&self, exits: &mut Exits, what: &str) -> Res<()> {
+        if exits.wait(EXIT_WITHIN) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what}: {} still running {EXIT_WITHIN:?} after the stop",
+                exits.running()
+            ))
+        }
+    }
+
     /// `pm2 kill` in `home`, then waits for its daemon `pid` to be gone (SIGKILL after 5 s).
     fn stop_pm2(&self, home: &Path, pid: u32) {
         if let Err(e) = self.pm2(&["kill"], home) {
@@ -358,7 +391,8 @@ impl Bench {
     // -----------------------------------------------------------------------------------------
     // The cases.
 
-    /// Node cluster primary: from spawn to ALL_ONLINE, and to the 4th boot mark.
+    /// Node cluster primary: from spawn to ALL_ONLINE, and to the 4th boot mark; returns once
+    /// the primary and its workers have exited.
     fn floor(&self) -> Res<(Duration, Duration)> {
         self.check()?;
         let marks = self.watch_marks()?;
@@ -384,10 +418,12 @@ impl Bench {
             }
         }
         let booted = marks.wait().map(|at| at.saturating_duration_since(t0));
+        let mut workers = self.workers(&[]);
         // SAFETY: plain kill(2) of our own unreaped child.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let (status, _) = wait4(pid)?;
         let _ = dog.send(());
+        self.exited(&mut workers, "the Node cluster workers")?;
         let took =
             took.ok_or_else(|| format!("the Node cluster primary ended ({})", exit_text(status)))?;
         Ok((
@@ -397,8 +433,9 @@ impl Bench {
     }
 
     /// `flotilla start app.js -i 4` in `home`: the command, when it started (for the log's
-    /// stamps), and the time to the 4th boot mark; checks that 4 are online afterwards.
-    fn flotilla_start(&self, home: &Path) -> Res<(Ran, SystemTime, Duration)> {
+    /// stamps), the time to the 4th boot mark, and the workers watched for their exit; checks
+    /// that 4 are online afterwards.
+    fn flotilla_start(&self, home: &Path) -> Res<(Ran, SystemTime, Duration, Exits)> {
         let marks = self.watch_marks()?;
         let at = SystemTime::now();
         let t0 = Instant::now();
@@ -407,6 +444,7 @@ impl Bench {
             .wait()
             .ok_or("the flotilla workers left no boot marks")?
             .saturating_duration_since(t0);
+        let workers = self.workers(&[]);
         let ls = self.fl(&["ls", "--json"], home)?;
         let online = count_online(&ls.out, |p| p.get("status"));
         if online != WORKERS {
@@ -415,11 +453,12 @@ impl Bench {
                 ls.out
             ));
         }
-        Ok((r, at, booted))
+        Ok((r, at, booted, workers))
     }
 
     /// pm2 cold: `pm2 start` (its return time), then `pm2 jlist` until 4 are online; the
-    /// polls that took, and the time to the 4th boot mark.
+    /// polls that took, the time to the 4th boot mark, and the workers and pm2's daemon watched
+    /// for their exit.
     fn pm2_cold(&self, home: &Path) -> Res<Pm2Cold> {
         let marks = self.watch_marks()?;
         let t0 = Instant::now();
@@ -435,11 +474,14 @@ impl Bench {
                     .wait()
                     .ok_or("the pm2 workers left no boot marks")?
                     .saturating_duration_since(t0);
+                let daemon = pm2_daemon_pid(home).into_iter().collect::<Vec<_>>();
                 return Ok(Pm2Cold {
                     ret: r.wall,
                     online,
                     polls,
+                    last_poll: j.wall,
                     booted,
+                    exits: self.workers(&daemon),
                 });
             }
             if t0.elapsed() > ONLINE_WITHIN {
@@ -480,9 +522,9 @@ impl Bench {
         // The warm stack, started once (not measured), with one discarded start/delete.
         let warm = self.new_flotilla_home("flotilla-warm");
         self.fl(&["ls"], &warm)?;
-        self.flotilla_start(&warm)?;
+        let (_, _, _, mut workers) = self.flotilla_start(&warm)?;
         self.fl(&["delete", "all"], &warm)?;
-        std::thread::sleep(SETTLE);
+        self.exited(&mut workers, "the deleted flotilla workers")?;
         self.floor()?;
 
         let mut s = Samples::default();
@@ -498,38 +540,41 @@ impl Bench {
                         let (online, booted) = self.floor()?;
                         s.floor.push(online);
                         s.floor_booted.push(booted);
-                        std::thread::sleep(SETTLE);
                     }
                     1 => {
-                        let (r, at, booted) = self.flotilla_start(&warm)?;
+                        let (r, at, booted, mut workers) = self.flotilla_start(&warm)?;
                         s.warm.push(r.wall);
                         s.warm_booted.push(booted);
                         s.warm_cpu.push(r.cpu);
                         s.warm_phases.push(phases(&warm, at, r.wall, false));
                         let d = self.fl(&["delete", "all"], &warm)?;
                         s.delete.push(d.wall);
-                        std::thread::sleep(SETTLE);
+                        self.exited(&mut workers, "the deleted flotilla workers")?;
                     }
                     2 => {
                         let home = self.new_flotilla_home(&format!("flotilla-cold-{round}"));
-                        let (r, at, booted) = self.flotilla_start(&home)?;
+                        let (r, at, booted, workers) = self.flotilla_start(&home)?;
+                        let (daemon, nats) = stack_pids(&home)?;
+                        let mut all = Exits::watch(&[daemon, nats]);
+                        all.extend(workers);
                         s.cold.push(r.wall);
                         s.cold_booted.push(booted);
                         s.cold_phases.push(phases(&home, at, r.wall, true));
                         let k = self.fl(&["kill"], &home)?;
                         s.kill.push(k.wall);
-                        std::thread::sleep(SETTLE);
+                        self.exited(&mut all, "the killed flotilla stack and workers")?;
                     }
                     _ if self.pm2 => {
                         let home = self.new_pm2_home(&format!("pm2-cold-{round}"));
-                        let c = self.pm2_cold(&home)?;
+                        let mut c = self.pm2_cold(&home)?;
                         s.pm2_return.push(c.ret);
                         s.pm2_online.push(c.online);
                         s.pm2_polls.push(c.polls);
                         s.pm2_booted.push(c.booted);
+                        s.pm2_last_poll.push(c.last_poll);
                         let k = self.pm2(&["kill"], &home)?;
                         s.pm2_kill.push(k.wall);
-                        std::thread::sleep(SETTLE);
+                        self.exited(&mut c.exits, "the killed pm2 daemon and workers")?;
                     }
                     _ => {}
                 }
@@ -622,9 +667,9 @@ impl Bench {
             }
         }
         Ok(Mem {
-            daemon: upper_median(&d).unwrap_or(0),
-            nats: upper_median(&n).unwrap_or(0),
-            pm2: pm2.map(|_| upper_median(&p).unwrap_or(0)),
+            daemon: median(d).unwrap_or(0),
+            nats: median(n).unwrap_or(0),
+            pm2: pm2.map(|_| median(p.clone()).unwrap_or(0)),
         })
     }
 }
@@ -804,7 +849,10 @@ struct Pm2Cold {
     ret: Duration,
     online: Duration,
     polls: usize,
+    /// The wall time of the `pm2 jlist` call that found the 4 online.
+    last_poll: Duration,
     booted: Duration,
+    exits: Exits,
 }
 
 #[derive(Default)]
@@ -824,6 +872,7 @@ struct Samples {
     pm2_return: Vec<Duration>,
     pm2_online: Vec<Duration>,
     pm2_polls: Vec<usize>,
+    pm2_last_poll: Vec<Duration>,
     pm2_kill: Vec<Duration>,
 }
 
@@ -897,23 +946,26 @@ impl Samples {
             };
         let secs = |d: Duration| d.as_secs_f64();
 
-        let (warm, floor) = (median_duration(&self.warm), median_duration(&self.floor));
-        row(
-            "warm `start app.js -i 4`, to 4 online (ref: Node cluster primary, 4 'online')",
-            ms(warm),
-            ms(floor),
-            judge(secs(warm), Some(secs(floor)), Some(1.2)),
-            "<= 1.2x",
-        );
+        // The warm target is on the like-for-like row: both until the 4 workers have booted,
+        // seen by the same means (their boot marks). Flotilla's "online" (the CLI's return)
+        // and Node's 'online' event are different moments, so that row has no target.
         let (warm_b, floor_b) = (
             median_duration(&self.warm_booted),
             median_duration(&self.floor_booted),
         );
         row(
-            "  same, both until the 4 workers have booted (their first line ran)",
+            "warm `start app.js -i 4`, until the 4 workers have booted (ref: Node cluster primary, same)",
             ms(warm_b),
             ms(floor_b),
-            judge(secs(warm_b), Some(secs(floor_b)), None),
+            judge(secs(warm_b), Some(secs(floor_b)), Some(1.2)),
+            "<= 1.2x",
+        );
+        let (warm, floor) = (median_duration(&self.warm), median_duration(&self.floor));
+        row(
+            "  warm, to the CLI's return, 4 online (ref: Node's 4 'online' events; not like for like)",
+            ms(warm),
+            ms(floor),
+            judge(secs(warm), Some(secs(floor)), None),
             "-",
         );
         let cold = median_duration(&self.cold);
@@ -921,12 +973,32 @@ impl Samples {
             median_duration(&self.pm2_online),
             median_duration(&self.pm2_return),
         );
+        // pm2's "online" is seen by polling `pm2 jlist`, a Node CLI whose own start costs a few
+        // hundred ms: the poll that finds the 4 online adds its cost to the raw figure. The
+        // adjusted reference takes out one call's cost, the median wall time of `pm2 jlist` on
+        // a running daemon with 4 workers (the listing calls below). The earlier polls found
+        // fewer than 4 online: their time is waiting pm2 really needed, and stays.
+        let jlist = cmds
+            .iter()
+            .position(|(n, _, _)| *n == "pm2 jlist")
+            .map(|i| median_duration(&calls[i].wall));
+        let pm2_adjusted = jlist.map(|j| pm2_online.saturating_sub(j));
         row(
-            "cold `start app.js -i 4`, stack spawned (ref: pm2 cold, until jlist shows 4 online)",
+            "cold `start app.js -i 4`, stack spawned (ref: pm2 cold, until jlist shows 4 online, less one jlist call's cost)",
+            ms(cold),
+            match pm2_adjusted {
+                Some(a) => ms(a),
+                None => none.clone(),
+            },
+            judge(secs(cold), pm2_adjusted.map(secs), Some(0.4)),
+            "<= 0.4x",
+        );
+        row(
+            "  same, ref raw: until jlist shows 4 online, the last poll's cost included",
             ms(cold),
             if pm2 { ms(pm2_online) } else { none.clone() },
-            judge(secs(cold), pm2.then(|| secs(pm2_online)), Some(0.4)),
-            "<= 0.4x",
+            judge(secs(cold), pm2.then(|| secs(pm2_online)), None),
+            "-",
         );
         let (cold_b, pm2_b) = (
             median_duration(&self.cold_booted),
@@ -957,7 +1029,7 @@ impl Samples {
         let pm_jl = find("pm2 jlist");
         let wall = |c: Option<&Calls>| c.map(|c| median_duration(&c.wall));
         let cpu = |c: Option<&Calls>| c.map(|c| median_duration(&c.cpu));
-        let rss = |c: Option<&Calls>| c.map(|c| upper_median(&c.rss).unwrap_or(0));
+        let rss = |c: Option<&Calls>| c.map(|c| median(c.rss.clone()).unwrap_or(0));
         let srv = |c: Option<&Calls>| c.map(|c| c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64);
         let or_none = |v: Option<String>| v.unwrap_or_else(|| none.clone());
         if let Some(l) = wall(fl_ls) {
@@ -1043,6 +1115,7 @@ impl Samples {
             lines.push(("pm2 cold, until 4 online", list(&self.pm2_online)));
             lines.push(("pm2 cold, 4 booted", list(&self.pm2_booted)));
             lines.push(("pm2 cold, `pm2 start` returned", list(&self.pm2_return)));
+            lines.push(("pm2 cold, the last jlist poll", list(&self.pm2_last_poll)));
             lines.push((
                 "pm2 jlist polls until online",
                 self.pm2_polls
@@ -1095,7 +1168,7 @@ impl Samples {
                 ms(median_duration(&w)),
                 ms(w[w.len() - 1]),
                 ms(median_duration(&c.cpu)),
-                mib(upper_median(&c.rss).unwrap_or(0)),
+                mib(median(c.rss.clone()).unwrap_or(0)),
                 c.server_cpu_s * 1e3 / c.wall.len().max(1) as f64
             );
         }

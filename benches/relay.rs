@@ -1827,11 +1827,13 @@ async fn run() -> Res<()> {
         );
     }
     for (per_rate, m) in &ladder {
+        // No ratio: a paced row's rate is the rate the bench asked for, not a capacity, so
+        // dividing it by raw's burst rate would compare the bench's own setting with raw.
         add(
             &mut rows,
             format!("Flotilla, native paced {NATIVE_WORKERS} x {per_rate}/s"),
             m,
-            vs(m, r_rate, "raw"),
+            None,
         );
     }
     for (w, rounds) in SCALE_WORKERS.iter().zip(&burst.scaling) {
@@ -1950,22 +1952,30 @@ async fn run() -> Res<()> {
         );
     }
     if let Some(n) = &native {
-        let afters: Vec<String> = burst
-            .native
-            .iter()
-            .map(|m| m.relay_after_kib.map_or("?".into(), mib))
-            .collect();
+        let afters: Vec<Option<u64>> = burst.native.iter().map(|m| m.relay_after_kib).collect();
+        // The idle figure the agent must come back to: with its 4 idle Node workers when that
+        // case ran, else with none.
+        let idle = rss_idle_workers.unwrap_or(rss_no_workers);
+        let (verdict, why) = rss_bounded(n.relay_peak_kib, &afters, rss_end, idle);
         println!(
-            "  agent RSS bounded through the 200k burst ......... peak {} (highest of {rounds}), after the next heartbeat {} ({}), at the end {}{}",
+            "  agent RSS bounded through the 200k burst ......... peak {} (highest of {rounds}), after the next heartbeat {} ({}), at the end {}{}; idle {} -> {verdict}{why}",
             n.relay_peak_kib.map_or("?".into(), mib),
             n.relay_after_kib.map_or("?".into(), mib),
-            afters.join(", "),
+            afters
+                .iter()
+                .map(|a| a.map_or("?".into(), mib))
+                .collect::<Vec<_>>()
+                .join(", "),
             mib(rss_end),
             if end_heartbeat {
                 ""
             } else {
                 " (no heartbeat came)"
-            }
+            },
+            mib(idle),
+        );
+        println!(
+            "    (bounded: peak < {RSS_PEAK_LIMIT_MIB} MiB, and every round's 'after' and the end within {RSS_RETURN_WITHIN_MIB} MiB of idle)"
         );
     }
     let p99s = |v: &[Option<f64>]| v.iter().map(|p| fmt_lat(*p)).collect::<Vec<_>>().join(", ");
@@ -2123,6 +2133,52 @@ impl Bursts {
 }
 
 /// Each round's ratio of `v` to the same round of `base`, e.g. "0.66x, 0.71x, 0.62x".
+/// The highest the agent's RSS may reach through the 200k burst (VmHWM, MiB).
+const RSS_PEAK_LIMIT_MIB: u64 = 64;
+/// How close to its idle RSS the agent must come back after a burst (MiB).
+const RSS_RETURN_WITHIN_MIB: u64 = 4;
+
+/// The "agent RSS bounded" verdict: `met` when the peak is known and under
+/// [`RSS_PEAK_LIMIT_MIB`], and every round's RSS after the burst (`afters`, all known) and the
+/// RSS at the end are within [`RSS_RETURN_WITHIN_MIB`] of `idle` (all KiB); else `MISSED` and
+/// why.
+fn rss_bounded(
+    peak: Option<u64>,
+    afters: &[Option<u64>],
+    end: u64,
+    idle: u64,
+) -> (&'static str, String) {
+    let back = idle + RSS_RETURN_WITHIN_MIB * 1024;
+    let mut why = vec![];
+    match peak {
+        None => why.push("peak unknown".to_string()),
+        Some(p) if p >= RSS_PEAK_LIMIT_MIB * 1024 => {
+            why.push(format!("peak {} >= {RSS_PEAK_LIMIT_MIB} MiB", mib(p)))
+        }
+        Some(_) => {}
+    }
+    if afters.is_empty() || afters.iter().any(Option::is_none) {
+        why.push("an 'after' is unknown".into());
+    }
+    for a in afters.iter().flatten().filter(|a| **a > back) {
+        why.push(format!(
+            "after {} > idle + {RSS_RETURN_WITHIN_MIB} MiB",
+            mib(*a)
+        ));
+    }
+    if end > back {
+        why.push(format!(
+            "end {} > idle + {RSS_RETURN_WITHIN_MIB} MiB",
+            mib(end)
+        ));
+    }
+    if why.is_empty() {
+        ("met", String::new())
+    } else {
+        ("MISSED", format!(" ({})", why.join("; ")))
+    }
+}
+
 fn paired(v: &[Measured], base: &[Measured]) -> String {
     v.iter()
         .zip(base)

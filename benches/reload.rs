@@ -11,17 +11,22 @@
 //! - `keep-alive`: each client keeps its connection (as wrk does); a worker that goes away
 //!   closes connections other clients are about to use.
 //!
-//! For each run it prints requests served, errors by kind (target 0), the request rate and
-//! latency percentiles in steady state (outside any reload) and during the reloads (a request
-//! counts as "during" when it started while a `reload` command ran), and the wall time of the
-//! reloads; then the ratio of Flotilla's figure to pm2's. BENCHMARKS.md records a run.
+//! Each tool runs [`RUNS`] times per shape, interleaved (flotilla then pm2, pm2 then flotilla,
+//! ...), each run in a fresh home. The table shows medians over the runs of: requests served,
+//! errors by kind (target 0), the request rate and latency percentiles in steady state
+//! (outside any reload) and during the reloads, and the wall time of the reloads; then the
+//! ratio of Flotilla's figure to pm2's. A reload's window runs from the `reload` command's
+//! spawn until it has returned and every worker that ran before it has exited (watched through
+//! pidfds; `reload` may return while old workers are still stopping), and a request counts as
+//! "during" when it started inside a window. BENCHMARKS.md records a run.
 //!
 //! Every command runs under a deadline; everything the bench started is stopped at the end
 //! (`flotilla kill`, `pm2 kill`), on error too.
 
 mod common;
 
-use common::stats::{percentile_rounded, upper_median};
+use common::procfs::Exits;
+use common::stats::{median, percentile_duration};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -42,6 +47,10 @@ const STEADY: Duration = Duration::from_secs(3);
 const REQUEST_WITHIN: Duration = Duration::from_secs(5);
 /// Longest one command may take.
 const COMMAND_WITHIN: Duration = Duration::from_secs(120);
+/// Longest the workers that ran before a reload may take to exit after `reload` returned.
+const OLD_EXIT_WITHIN: Duration = Duration::from_secs(30);
+/// Runs of each tool per load shape (BENCH_RUNS overrides it).
+const RUNS: usize = 3;
 
 /// The app: unmodified, as pm2 users write it.
 const APP_JS: &str = include_str!("js/reload/app.js");
@@ -102,7 +111,10 @@ struct Outcome {
     reload_p50: Duration,
     reload_p99: Duration,
     reload_max: Duration,
+    /// Each reload's window: from the command's spawn until the old workers had exited.
     reload_wall: Vec<Duration>,
+    /// Each `reload` command's own wall time.
+    reload_cli: Vec<Duration>,
     /// Errors per reload window (a request that started during it), then outside any.
     errors_by_window: Vec<usize>,
     errors_outside: usize,
@@ -126,6 +138,7 @@ fn main() {
         }
     };
     let clients = common::knob("BENCH_CLIENTS", CLIENTS);
+    let runs = common::knob("BENCH_RUNS", RUNS).max(1);
     let mut bench = Bench {
         root: root.path().to_path_buf(),
         flotilla: PathBuf::from(env!("CARGO_BIN_EXE_flotilla")),
@@ -152,30 +165,38 @@ fn main() {
     );
     println!(
         "load: {clients} requests in flight on loopback, {WORKERS} instances of an unmodified Node http \
-         server, {RELOADS} reloads with {} s of steady load before, between and after\n",
+         server, {RELOADS} reloads with {} s of steady load before, between and after; {runs} runs \
+         of each tool per shape, interleaved; medians over the runs\n",
         STEADY.as_secs()
     );
     let mut failed = false;
     for shape in [Shape::NewConnection, Shape::KeepAlive] {
-        let fl = bench.run(Tool::Flotilla, shape, clients);
-        let p2 = if has_pm2 {
-            Some(bench.run(Tool::Pm2, shape, clients))
-        } else {
-            None
-        };
-        if let Err(e) = &fl {
-            eprintln!("flotilla ({}): {e}", shape.label());
-            failed = true;
+        let (mut fl, mut p2) = (vec![], vec![]);
+        for run in 0..runs {
+            let mut order = vec![Tool::Flotilla];
+            if has_pm2 {
+                order.push(Tool::Pm2);
+            }
+            if run % 2 == 1 {
+                order.reverse();
+            }
+            for tool in order {
+                let name = match tool {
+                    Tool::Flotilla => "flotilla",
+                    Tool::Pm2 => "pm2",
+                };
+                eprintln!("{} , {name}, run {}/{runs}", shape.label(), run + 1);
+                match bench.run(tool, shape, clients) {
+                    Ok(o) if tool == Tool::Flotilla => fl.push(o),
+                    Ok(o) => p2.push(o),
+                    Err(e) => {
+                        eprintln!("{name} ({}): {e}", shape.label());
+                        failed = true;
+                    }
+                }
+            }
         }
-        if let Some(Err(e)) = &p2 {
-            eprintln!("pm2 ({}): {e}", shape.label());
-            failed = true;
-        }
-        print_table(
-            shape,
-            fl.as_ref().ok(),
-            p2.as_ref().and_then(|r| r.as_ref().ok()),
-        );
+        print_table(shape, &fl, has_pm2.then_some(&p2[..]));
     }
     drop(bench);
     if failed {
@@ -258,7 +279,8 @@ impl Bench {
     }
 
     fn run(&mut self, tool: Tool, shape: Shape, clients: usize) -> Res<Outcome> {
-        let n = self.homes.len() + self.pm2_homes.len();
+        static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUN.fetch_add(1, Ordering::Relaxed);
         let home = self.root.join(format!("home-{n}"));
         match tool {
             Tool::Flotilla => self.homes.push(home.clone()),
@@ -314,12 +336,29 @@ impl Bench {
             })
         };
         let mut windows = vec![];
+        let mut cli = vec![];
         std::thread::sleep(STEADY);
         let mut result = Ok(());
         for _ in 0..RELOADS {
+            // The workers running now, watched so that the window lasts until they are gone.
+            let mut old = match self.pids(tool, &home, port) {
+                Ok(p) => Exits::watch(&p),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
             let from = began.elapsed();
             if let Err(e) = self.command(tool, &home, &["reload", "rb"], port) {
                 result = Err(e);
+                break;
+            }
+            cli.push(began.elapsed() - from);
+            if !old.wait(OLD_EXIT_WITHIN) {
+                result = Err(format!(
+                    "{} old workers still run {OLD_EXIT_WITHIN:?} after `reload` returned",
+                    old.running()
+                ));
                 break;
             }
             windows.push((from, began.elapsed()));
@@ -331,8 +370,42 @@ impl Bench {
             .map_err(|e| format!("the load generator failed: {e}"))?;
         let ended = began.elapsed();
         let _ = self.command(tool, &home, &["delete", "rb"], port);
+        // Stop this run's stack or daemon now, so that it does not idle through the next runs.
+        if self.command(tool, &home, &["kill"], port).is_ok() {
+            self.homes.retain(|h| *h != home);
+            self.pm2_homes.retain(|h| *h != home);
+        }
         result?;
-        Ok(summarise(&samples, &windows, ended))
+        let mut o = summarise(&samples, &windows, ended);
+        o.reload_cli = cli;
+        Ok(o)
+    }
+
+    /// The pids of the app's workers, from `flotilla ls --json` or `pm2 jlist`.
+    fn pids(&self, tool: Tool, home: &Path, port: u16) -> Res<Vec<u32>> {
+        let args: &[&str] = match tool {
+            Tool::Flotilla => &["ls", "--json"],
+            Tool::Pm2 => &["jlist"],
+        };
+        let out = self.command(tool, home, args, port)?;
+        let list = out
+            .find('[')
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(&out[i..]).ok())
+            .and_then(|v| v.as_array().cloned())
+            .ok_or_else(|| format!("{args:?}: not a JSON list: {out}"))?;
+        let pids: Vec<u32> = list
+            .iter()
+            .filter_map(|p| p.get("pid")?.as_u64())
+            .filter(|p| *p > 0)
+            .map(|p| p as u32)
+            .collect();
+        if pids.len() != WORKERS {
+            return Err(format!(
+                "{args:?}: {} workers with a pid: {out}",
+                pids.len()
+            ));
+        }
+        Ok(pids)
     }
 }
 
@@ -494,12 +567,13 @@ fn summarise(samples: &[Sample], windows: &[(Duration, Duration)], ended: Durati
         timeout,
         steady_rps: rate(steady.len(), steady_time),
         reload_rps: rate(reload.len(), reload_time),
-        steady_p50: percentile_rounded(&steady, 0.50),
-        steady_p99: percentile_rounded(&steady, 0.99),
-        reload_p50: percentile_rounded(&reload, 0.50),
-        reload_p99: percentile_rounded(&reload, 0.99),
+        steady_p50: percentile_duration(&steady, 0.50),
+        steady_p99: percentile_duration(&steady, 0.99),
+        reload_p50: percentile_duration(&reload, 0.50),
+        reload_p99: percentile_duration(&reload, 0.99),
         reload_max: reload.last().copied().unwrap_or_default(),
         reload_wall: windows.iter().map(|(a, b)| *b - *a).collect(),
+        reload_cli: vec![],
         errors_by_window,
         errors_outside,
         slowest: {
@@ -517,29 +591,48 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-fn print_table(shape: Shape, fl: Option<&Outcome>, p2: Option<&Outcome>) {
-    println!("reload under load, {}:", shape.label());
+/// The ratio cell: flotilla / pm2; `=` only when both are 0; `flotilla only` when pm2's is 0
+/// and flotilla's is not; `-` when a side has no figure.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}x", a / b),
+        (Some(0.0), Some(_)) => "=".into(),
+        (Some(_), Some(_)) => "flotilla only".into(),
+        _ => "-".into(),
+    }
+}
+
+fn print_table(shape: Shape, fl: &[Outcome], p2: Option<&[Outcome]>) {
     println!(
-        "{:<28} {:>14} {:>14} {:>10}",
+        "reload under load, {} (medians of {} flotilla and {} pm2 runs):",
+        shape.label(),
+        fl.len(),
+        p2.map_or("no".into(), |p| p.len().to_string())
+    );
+    println!(
+        "{:<34} {:>14} {:>14} {:>13}",
         "", "flotilla", "pm2", "ratio"
     );
+    let med = |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64| median(runs.iter().map(f).collect());
     let row = |label: &str, f: &dyn Fn(&Outcome) -> f64, show: &dyn Fn(f64) -> String| {
-        let a = fl.map(f);
-        let b = p2.map(f);
-        let ratio = match (a, b) {
-            (Some(a), Some(b)) if b != 0.0 => format!("{:.2}x", a / b),
-            (Some(a), Some(b)) if a == b => "=".into(),
-            _ => "-".into(),
-        };
+        let a = med(fl, f);
+        let b = p2.and_then(|p| med(p, f));
         println!(
-            "{label:<28} {:>14} {:>14} {ratio:>10}",
+            "{label:<34} {:>14} {:>14} {:>13}",
             a.map_or("failed".into(), show),
-            b.map_or("-".into(), show)
+            match (p2, b) {
+                (None, _) => "not installed".into(),
+                (Some(_), None) => "failed".into(),
+                (Some(_), Some(b)) => show(b),
+            },
+            ratio(a, b)
         );
     };
     let count = |v: f64| format!("{v:.0}");
     let rate = |v: f64| format!("{v:.0}/s");
     let dur = |v: f64| ms(Duration::from_secs_f64(v));
+    let wall =
+        |v: &[Duration]| median(v.iter().map(Duration::as_secs_f64).collect()).unwrap_or(0.0);
     row("requests served", &|o| o.served as f64, &count);
     row("errors: refused", &|o| o.refused as f64, &count);
     row("errors: reset or cut short", &|o| o.reset as f64, &count);
@@ -552,35 +645,42 @@ fn print_table(shape: Shape, fl: Option<&Outcome>, p2: Option<&Outcome>) {
     row("p99, during reload", &|o| o.reload_p99.as_secs_f64(), &dur);
     row("max, during reload", &|o| o.reload_max.as_secs_f64(), &dur);
     row(
-        "reload wall time (median)",
-        &|o| upper_median(&o.reload_wall).map_or(0.0, |d| d.as_secs_f64()),
+        "reload, `reload` command's wall",
+        &|o| wall(&o.reload_cli),
         &dur,
     );
-    for (tool, o) in [("flotilla", fl), ("pm2", p2)] {
-        let Some(o) = o else { continue };
-        if o.refused + o.reset + o.timeout > 0 {
+    row(
+        "reload, until old workers exited",
+        &|o| wall(&o.reload_wall),
+        &dur,
+    );
+    for (tool, runs) in [("flotilla", fl), ("pm2", p2.unwrap_or_default())] {
+        for (i, o) in runs.iter().enumerate() {
+            let errors = o.refused + o.reset + o.timeout;
+            let slow: Vec<String> = o
+                .slowest
+                .iter()
+                .map(|(at, lat, fresh)| {
+                    format!(
+                        "{} at {:.2} s ({})",
+                        ms(*lat),
+                        at.as_secs_f64(),
+                        if *fresh {
+                            "new connection"
+                        } else {
+                            "kept-alive"
+                        }
+                    )
+                })
+                .collect();
             println!(
-                "{tool}: errors per reload {:?}, outside any reload {}",
-                o.errors_by_window, o.errors_outside
+                "{tool} run {}: errors {errors} (per reload {:?}, outside any reload {}); slowest answers {}",
+                i + 1,
+                o.errors_by_window,
+                o.errors_outside,
+                slow.join(", ")
             );
         }
-        let slow: Vec<String> = o
-            .slowest
-            .iter()
-            .map(|(at, lat, fresh)| {
-                format!(
-                    "{} at {:.2} s ({})",
-                    ms(*lat),
-                    at.as_secs_f64(),
-                    if *fresh {
-                        "new connection"
-                    } else {
-                        "kept-alive"
-                    }
-                )
-            })
-            .collect();
-        println!("{tool}: slowest answers {}", slow.join(", "));
     }
     println!();
 }

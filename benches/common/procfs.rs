@@ -58,3 +58,76 @@ pub fn alive(pid: u32) -> bool {
         })
         .is_some_and(|state| state != 'Z')
 }
+
+/// Processes watched for their exit through pidfds (`pidfd_open(2)`): the kernel makes a
+/// pidfd readable when its process exits (a zombie counts as exited), so waiting is a `poll`,
+/// not a sleep. Open it while the processes run: a pid already gone when [`Exits::watch`]
+/// runs is taken as exited (and a reused pid cannot be mistaken for it afterwards).
+pub struct Exits {
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl Exits {
+    /// Opens a pidfd for each of `pids`; those already gone are not watched.
+    pub fn watch(pids: &[u32]) -> Exits {
+        use std::os::fd::FromRawFd;
+        let fds = pids
+            .iter()
+            .filter_map(|pid| {
+                // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, *pid as libc::pid_t, 0) };
+                // SAFETY: a fresh fd that nothing else owns.
+                (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+            })
+            .collect();
+        Exits { fds }
+    }
+
+    /// Watches `other`'s processes too.
+    pub fn extend(&mut self, other: Exits) {
+        self.fds.extend(other.fds);
+    }
+
+    /// How many of the watched processes are still running.
+    pub fn running(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// Waits until every watched process has exited, or `within` has passed; true when all
+    /// have.
+    pub fn wait(&mut self, within: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + within;
+        while !self.fds.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut polls: Vec<libc::pollfd> = self
+                .fds
+                .iter()
+                .map(|f| libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: `polls` is a valid array of its length.
+            let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return false;
+            }
+            let mut i = 0;
+            self.fds.retain(|_| {
+                let exited = polls[i].revents != 0;
+                i += 1;
+                !exited
+            });
+        }
+        true
+    }
+}

@@ -1,48 +1,66 @@
-//! Medians and percentiles. The benches do not all define them alike (noted at each function);
-//! each keeps the definition it always used, so that its figures stay comparable run to run.
+//! Medians and percentiles, one definition of each for every bench:
+//! - the median of n values is the middle one for an odd n, the mean of the middle two for an
+//!   even n ([`median`]);
+//! - the p-th percentile (0 <= p <= 1) of n sorted values is the one at nearest rank
+//!   ceil(p * n) (1-based; rank 1 for p = 0), i.e. the smallest value with at least p of the
+//!   values at or below it ([`percentile`]). p = 0.5 gives the lower of the middle two, not the
+//!   median.
 
 use std::time::Duration;
 
-/// The median, the mean of the middle two for an even count; `None` when empty.
-pub fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
+/// A value two of which can be averaged (for the median of an even count).
+pub trait Mid: Copy + PartialOrd {
+    fn mid(a: Self, b: Self) -> Self;
+}
+
+impl Mid for f64 {
+    fn mid(a: f64, b: f64) -> f64 {
+        (a + b) / 2.0
+    }
+}
+
+impl Mid for u64 {
+    fn mid(a: u64, b: u64) -> u64 {
+        a / 2 + b / 2 + (a % 2 + b % 2) / 2
+    }
+}
+
+impl Mid for Duration {
+    fn mid(a: Duration, b: Duration) -> Duration {
+        (a + b) / 2
+    }
+}
+
+/// The median: the middle value, the mean of the middle two for an even count; `None` when
+/// empty.
+pub fn median<T: Mid>(mut v: Vec<T>) -> Option<T> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let n = v.len();
     match n {
         0 => None,
         _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        _ => Some(T::mid(v[n / 2 - 1], v[n / 2])),
     }
 }
 
 /// [`median`] of durations (zero when empty).
 pub fn median_duration(v: &[Duration]) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
-    }
+    median(v.to_vec()).unwrap_or_default()
 }
 
-/// The upper median: the higher of the middle two for an even count; `None` when empty.
-pub fn upper_median<T: Ord + Copy>(v: &[T]) -> Option<T> {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    v.get(v.len() / 2).copied()
+/// The index of the p-th percentile in a sorted slice of `n` (> 0) values: nearest rank
+/// ceil(p * n), 1-based, at least 1.
+fn nearest_rank(n: usize, p: f64) -> usize {
+    let rank = (p * n as f64).ceil() as usize;
+    rank.clamp(1, n) - 1
 }
 
-/// The value at rank floor(n * p) of `sorted` (the last for p = 1); `None` when empty.
+/// The p-th percentile of `sorted` by nearest rank; `None` when empty.
 pub fn percentile(sorted: &[i64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
-    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
-    Some(sorted[i] as f64)
+    Some(sorted[nearest_rank(sorted.len(), p)] as f64)
 }
 
 /// p90, p99.9 and the maximum of `sorted`, by [`percentile`].
@@ -54,12 +72,10 @@ pub fn tail(sorted: &[i64]) -> Option<[f64; 3]> {
     ])
 }
 
-/// The value at rank round((n - 1) * p) of `sorted` (zero when empty): unlike [`percentile`],
-/// rounded to the nearest rank.
-pub fn percentile_rounded(sorted: &[Duration], p: f64) -> Duration {
+/// [`percentile`] of sorted durations (zero when empty).
+pub fn percentile_duration(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    sorted[nearest_rank(sorted.len(), p)]
 }
