@@ -571,13 +571,20 @@ async fn logs_follow_monit_and_an_agent_that_does_not_answer() {
     }
     let (ok, _, err) = fleet.cli(&["send", "demo", r#"{"ping":42}"#]).await;
     assert!(ok, "{err}");
-    loop {
-        let l = next().await;
-        if l.contains(r#"got {"ping":42}"#) {
-            assert!(l.contains("|demo"), "{l}");
-            break;
-        }
-    }
+    // One overall deadline: the app's other lines keep coming, so a per-line one never ends.
+    within(
+        "the worker's answer to the message in `logs --follow`",
+        async {
+            loop {
+                let l = next().await;
+                if l.contains(r#"got {"ping":42}"#) {
+                    assert!(l.contains("|demo"), "{l}");
+                    break;
+                }
+            }
+        },
+    )
+    .await;
     drop(follow);
 
     // monit --json: one array per refresh.

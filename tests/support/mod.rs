@@ -791,6 +791,14 @@ pub async fn run_cli(home: &Path, args: &[&str]) -> (bool, String, String) {
     for k in flotilla_vars() {
         cmd.env_remove(k);
     }
+    // A local stack this CLI starts hands its workers its own environment: not the runner's
+    // interpreter settings. (Workers of the in-process agents of a `Fleet` see the test
+    // process's environment, which cannot be changed safely while other tests run; specs
+    // made here go through `clean_env`, and the CLI's `start` cannot unset a variable, so a
+    // runner's NODE_OPTIONS can still reach those: run the suite without it.)
+    for k in RUNNER_ENV {
+        cmd.env_remove(k);
+    }
     cmd.env("FLOTILLA_HOME", home)
         .env("NO_COLOR", "1")
         .args(args)
