@@ -33,22 +33,7 @@ impl Controller {
     }
 
     async fn start_with(nats: &NatsServer, f: impl FnOnce(&mut Settings)) -> Controller {
-        let (tx, rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let mut s = Settings::default();
-        s.nats.url = Some(nats.url());
-        f(&mut s);
-        let task = tokio::spawn(flotilla::controller::run_ready(
-            s,
-            async move {
-                let _ = rx.await;
-            },
-            Some(ready_tx),
-        ));
-        tokio::time::timeout(WAIT, ready_rx)
-            .await
-            .expect("the controller came up in time")
-            .expect("the controller is ready");
+        let (tx, task) = start_controller(nats.url(), f).await;
         Controller {
             stop: Some(tx),
             task: Some(task),

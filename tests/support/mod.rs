@@ -692,6 +692,34 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// A controller running in-process on `url` (settings changed by `f`), once it is ready: the
+/// sender stops it, the handle is its task.
+pub async fn start_controller(
+    url: String,
+    f: impl FnOnce(&mut Settings),
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), flotilla::controller::ControllerError>>,
+) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let mut s = Settings::default();
+    s.nats.url = Some(url);
+    f(&mut s);
+    let task = tokio::spawn(flotilla::controller::run_ready(
+        s,
+        async move {
+            let _ = rx.await;
+        },
+        Some(ready_tx),
+    ));
+    tokio::time::timeout(WAIT, ready_rx)
+        .await
+        .expect("the controller came up in time")
+        .expect("the controller is ready");
+    (tx, task)
+}
+
 /// A fleet in one test: a real nats-server, a controller and agents running in-process, with
 /// the controller having heard every agent's heartbeat.
 pub struct Fleet {
@@ -709,21 +737,7 @@ impl Fleet {
         let nats = NatsServer::start();
         let client = nats.client().await;
         let mut beats = Watch::new(&client, "pm._fleet.*.host:heartbeat").await;
-        let (tx, rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let mut s = Settings::default();
-        s.nats.url = Some(nats.url());
-        let ctl = tokio::spawn(flotilla::controller::run_ready(
-            s,
-            async move {
-                let _ = rx.await;
-            },
-            Some(ready_tx),
-        ));
-        tokio::time::timeout(WAIT, ready_rx)
-            .await
-            .expect("the controller came up in time")
-            .expect("the controller is ready");
+        let (tx, ctl) = start_controller(nats.url(), |_| {}).await;
         let mut agents = vec![];
         for h in hosts {
             agents.push(TestAgent::start(&nats, h).await);
