@@ -563,30 +563,6 @@ async fn a_host_whose_heartbeats_stopped_is_lost_and_not_chosen() {
     ctl.stop().await;
 }
 
-/// Runs the binary with `env` set (and no other FLOTILLA_* variable), bounded.
-async fn flotilla_with(env: &[(&str, &Path)], args: &[&str]) -> (bool, String, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    for k in flotilla_vars() {
-        cmd.env_remove(k);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.env("NO_COLOR", "1")
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("flotilla {args:?} did not finish in 120 s"))
-        .expect("the flotilla binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_and_flotilla_config_are_honoured_by_the_binary() {
     let fleet = Fleet::start(&["web-1"]).await;
@@ -611,13 +587,13 @@ async fn config_file_and_flotilla_config_are_honoured_by_the_binary() {
 
     // --config F: the NATS URL and home come from the file; a start reaches this fleet.
     let env = [("HOME", user_home.as_path())];
-    let (ok, out, err) = flotilla_with(&env, &["--config", cfg_s, "info", "--json"]).await;
+    let (ok, out, err) = run_cli_env(&env, &["--config", cfg_s, "info", "--json"]).await;
     assert!(ok, "{err}");
     let info: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(info["nats_url"], fleet.nats.url().as_str(), "{info}");
     assert_eq!(info["home"], file_home.to_str().unwrap(), "{info}");
     assert_eq!(info["controllers"].as_array().unwrap().len(), 1, "{info}");
-    let (ok, _, err) = flotilla_with(
+    let (ok, _, err) = run_cli_env(
         &env,
         &[
             "--config",
@@ -636,12 +612,12 @@ async fn config_file_and_flotilla_config_are_honoured_by_the_binary() {
         ("HOME", user_home.as_path()),
         ("FLOTILLA_CONFIG", cfg.as_path()),
     ];
-    let (ok, out, err) = flotilla_with(&env, &["info", "--json"]).await;
+    let (ok, out, err) = run_cli_env(&env, &["info", "--json"]).await;
     assert!(ok, "{err}");
     let info: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(info["nats_url"], fleet.nats.url().as_str(), "{info}");
     assert_eq!(info["home"], file_home.to_str().unwrap(), "{info}");
-    let (ok, out, err) = flotilla_with(&env, &["ls", "--json"]).await;
+    let (ok, out, err) = run_cli_env(&env, &["ls", "--json"]).await;
     assert!(ok, "{err}");
     let procs: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(procs.len(), 1, "{procs:?}");
@@ -653,7 +629,7 @@ async fn config_file_and_flotilla_config_are_honoured_by_the_binary() {
     std::fs::write(&bad, "heartbeat_interval = \"banana\"\n").unwrap();
     let bad_s = bad.to_str().unwrap();
     let env = [("HOME", user_home.as_path())];
-    let (ok, _, err) = flotilla_with(&env, &["--config", bad_s, "info", "--json"]).await;
+    let (ok, _, err) = run_cli_env(&env, &["--config", bad_s, "info", "--json"]).await;
     assert!(!ok);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(
@@ -664,7 +640,7 @@ async fn config_file_and_flotilla_config_are_honoured_by_the_binary() {
         ("HOME", user_home.as_path()),
         ("FLOTILLA_CONFIG", bad.as_path()),
     ];
-    let (ok, _, err) = flotilla_with(&env, &["info", "--json"]).await;
+    let (ok, _, err) = run_cli_env(&env, &["info", "--json"]).await;
     assert!(!ok);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(
@@ -674,7 +650,7 @@ async fn config_file_and_flotilla_config_are_honoured_by_the_binary() {
     // A file that is not there is named too.
     let env = [("HOME", user_home.as_path())];
     let missing = dir.path().join("missing.toml");
-    let (ok, _, err) = flotilla_with(&env, &["--config", missing.to_str().unwrap(), "ls"]).await;
+    let (ok, _, err) = run_cli_env(&env, &["--config", missing.to_str().unwrap(), "ls"]).await;
     assert!(!ok);
     assert!(
         err.contains(missing.to_str().unwrap()) && err.contains("no such file"),

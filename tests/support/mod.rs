@@ -801,6 +801,11 @@ pub fn flotilla_vars() -> Vec<String> {
 }
 
 pub async fn run_cli(home: &Path, args: &[&str]) -> (bool, String, String) {
+    run_cli_env(&[("FLOTILLA_HOME", home)], args).await
+}
+
+/// Runs the binary with `env` set (and no other FLOTILLA_* variable), bounded.
+pub async fn run_cli_env(env: &[(&str, &Path)], args: &[&str]) -> (bool, String, String) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
     for k in flotilla_vars() {
         cmd.env_remove(k);
@@ -813,8 +818,10 @@ pub async fn run_cli(home: &Path, args: &[&str]) -> (bool, String, String) {
     for k in RUNNER_ENV {
         cmd.env_remove(k);
     }
-    cmd.env("FLOTILLA_HOME", home)
-        .env("NO_COLOR", "1")
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env("NO_COLOR", "1")
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true);
